@@ -1,0 +1,44 @@
+"""Shared fixtures: every test makes its own small data and tokenizer; nothing reads ../shared or the network."""
+import json
+import os
+import random
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+WORDS_EN = ("the model learns to read and write small stories about cats dogs rivers and stars while "
+            "every token counts toward the loss of a careful training run").split()
+WORDS_ZH = list("模型学习阅读和写作关于猫狗河流与星星的小故事每个词都计入训练损失中天地人你我他山水花")
+
+
+def sample_sentence(rng, n=12):
+    if rng.random() < 0.5:
+        return " ".join(rng.choice(WORDS_EN) for _ in range(n)).capitalize() + "."
+    return "".join(rng.choice(WORDS_ZH) for _ in range(n)) + "。"
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A 512-token byte-level BPE trained on generated bilingual text by train_tokenizer.build_tokenizer."""
+    from train_tokenizer import build_tokenizer
+    rng = random.Random(0)
+    texts = [sample_sentence(rng, rng.randint(5, 30)) for _ in range(2000)]
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(iter(texts), vocab_size=512).save_pretrained(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
