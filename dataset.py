@@ -1,0 +1,630 @@
+"""JSONL datasets for every training stage: validation, ChatML rendering with exact loss masks, tokens prepared once.
+
+    from dataset import PretrainDataset, SFTDataset, DPODataset, LengthBucketBatches, collate_sft, collate_dpo
+
+Formats, one JSON object per line (blank lines are ignored):
+    pretrain            {"text": str}
+    SFT and reasoning   {"conversations": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
+    DPO                 {"chosen": [turns], "rejected": [turns]}, both sharing every turn but the final assistant one
+
+Each dataset validates and tokenizes its files once, in worker processes, into flat files under `.cache/tokens`
+(tokens, plus a loss mask and sequence offsets for chat data), keyed by a fingerprint of the files, the tokenizer and
+every parameter that changes the output. Training reads memory-mapped slices, so RAM stays flat as the data grows.
+
+Mask convention: mask[i] == 1 means token i is a training target (predicted from position i - 1). The collate
+functions shift ids and mask together: input_ids = ids[:-1], targets = ids[1:], loss_mask = mask[1:].
+"""
+import collections
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import Dataset
+
+from train_tokenizer import SPECIAL_TOKENS
+
+EOS, IM_START, IM_END = SPECIAL_TOKENS[:3]  # ids 0, 1, 2, fixed by train_tokenizer
+PAD = "<|pad|>"
+ROLES = ("system", "user", "assistant")
+READ_KINDS = {"pretrain": "pretrain", "sft": "chat", "dpo": "dpo"}  # cache kind -> record format
+EXPECTED = {
+    "pretrain": 'a JSONL file of {"text": ...} records',
+    "chat": 'a JSONL file of {"conversations": [{"role": ..., "content": ...}, ...]} records',
+    "dpo": 'a JSONL file of {"chosen": [turns], "rejected": [turns]} records',
+}
+# Bump whenever the bytes written to the cache change (rendering, masking, truncation, file layout).
+FORMAT_VERSION = 1
+DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "tokens")
+CHUNK_BYTES = 1 << 20  # lines per worker job: big enough to amortise pickling, small enough to keep RAM flat
+
+
+class DataError(ValueError):
+    """A data file is missing or a line in it is malformed; the message names the file and line."""
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+def conversation_problem(turns):
+    """Why `turns` is not a trainable conversation, or None if it is."""
+    if not isinstance(turns, list) or not turns:
+        return "a conversation must be a non-empty list of turns"
+    for i, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            return f"turn {i} must be an object with string 'role' and 'content'"
+        if turn["role"] not in ROLES:
+            return f"turn {i} has unknown role {turn['role']!r} (expected one of {', '.join(ROLES)})"
+        if turn["role"] == "system" and i > 0:
+            return f"turn {i} is a system turn; only the first turn may be one"
+        if turn["role"] == "assistant" and not turn["content"].strip():
+            return f"turn {i} has empty assistant content"
+    if all(turn["role"] != "assistant" for turn in turns):
+        return "the conversation has no assistant turn"
+    if turns[-1]["role"] != "assistant":
+        return "the conversation must end with an assistant turn"
+    return None
+
+
+def record_problem(record, kind):
+    """Why a parsed JSON value is not a valid record of `kind` ("pretrain", "chat" or "dpo"), or None."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    if kind == "pretrain":
+        if not isinstance(record.get("text"), str):
+            return "missing or non-string field 'text'"
+        return None if record["text"].strip() else "empty text"
+    if kind == "chat":
+        if "conversations" not in record:
+            return "missing field 'conversations'"
+        return conversation_problem(record["conversations"])
+    for side in ("chosen", "rejected"):
+        if side not in record:
+            return f"missing field '{side}'"
+        problem = conversation_problem(record[side])
+        if problem:
+            return f"{side}: {problem}"
+    if record["chosen"][:-1] != record["rejected"][:-1]:
+        return "chosen and rejected must share every turn before the final assistant turn"
+    return None
+
+
+def _parse_line(line, kind):
+    """(record, None) for a valid line (bytes), (None, problem) otherwise."""
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError:
+        return None, "not valid UTF-8"
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at column {e.colno})"
+    problem = record_problem(record, kind)
+    return (None, problem) if problem else (record, None)
+
+
+def _validated(lines, path, kind, skip_bad, stats, first_line_no=1):
+    """Yield (line_no, record) for the valid non-blank lines; count (skip_bad) or raise on the bad ones."""
+    for line_no, line in enumerate(lines, first_line_no):
+        if not line.strip():
+            continue
+        record, problem = _parse_line(line, kind)
+        if problem is None:
+            yield line_no, record
+            continue
+        message = f"{path}:{line_no}: {problem}"
+        if not skip_bad:
+            raise DataError(message)
+        stats["skipped"] = stats.get("skipped", 0) + 1
+        stats.setdefault("first_problem", message)
+
+
+def _check_source(path, kind):
+    if kind not in EXPECTED:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(EXPECTED)}")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found; expected {EXPECTED[kind]}")
+
+
+def _warn_skipped(skipped, first_problem):
+    if skipped:
+        print(f"warning: skipped {skipped} bad line(s); the first: {first_problem}", file=sys.stderr)
+
+
+def read_jsonl(path, kind, skip_bad=False, stats=None):
+    """Stream (line_no, record) from a JSONL file, validating each line as `kind` ("pretrain", "chat" or "dpo").
+
+    A bad line raises DataError("path:line: problem"). With skip_bad=True it is skipped instead: the count goes to
+    stats["skipped"] (pass a dict to receive it, with stats["first_problem"]) and a warning is printed at the end.
+    """
+    _check_source(path, kind)
+    stats = {} if stats is None else stats
+    skipped_before = stats.get("skipped", 0)
+    with open(path, "rb") as f:
+        yield from _validated(f, path, kind, skip_bad, stats)
+    _warn_skipped(stats.get("skipped", 0) - skipped_before, stats.get("first_problem"))
+
+
+# ------------------------------------------------------------------------------------ chat rendering and masks
+
+def render_chat(messages, add_generation_prompt=False):
+    """ChatML text exactly as train_tokenizer.CHAT_TEMPLATE renders it, plus the trained character spans.
+
+    Each span [start, end) covers one assistant turn's content and its closing <|im_end|>, not the "\\n" after it.
+    """
+    parts, spans, pos = [], [], 0
+    for message in messages:
+        header = f"{IM_START}{message['role']}\n"
+        body = message["content"] + IM_END
+        if message["role"] == "assistant":
+            spans.append((pos + len(header), pos + len(header) + len(body)))
+        parts.append(header + body + "\n")
+        pos += len(parts[-1])
+    if add_generation_prompt:
+        parts.append(f"{IM_START}assistant\n")
+    return "".join(parts), spans
+
+
+def target_mask(offsets, spans):
+    """uint8 mask: 1 for each token whose character range overlaps a trained span.
+
+    Overlap (not containment) keeps every trained character covered even when byte-level BPE merges a token
+    across a span edge, e.g. the header's "\\n" with leading newlines of the content.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    mask = np.zeros(len(offsets), dtype=np.uint8)
+    for start, end in spans:
+        mask |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+    return mask
+
+
+def _backend(tokenizer):
+    """The fast `tokenizers.Tokenizer` behind a transformers tokenizer (or the Tokenizer itself)."""
+    return getattr(tokenizer, "backend_tokenizer", tokenizer)
+
+
+def encode_chat(tokenizer, messages, last_turn_only=False, add_generation_prompt=False):
+    """Token ids (int64) and target mask (uint8) of a conversation.
+
+    The whole rendered string is tokenized at once, so the ids equal `apply_chat_template(messages)`. The mask
+    marks every assistant turn's content and closing <|im_end|> (only the final turn with last_turn_only, as DPO
+    needs), never headers, system/user turns or the "\\n" after <|im_end|>.
+    """
+    text, spans = render_chat(messages, add_generation_prompt)
+    encoding = _backend(tokenizer).encode(text, add_special_tokens=False)
+    mask = target_mask(encoding.offsets, spans[-1:] if last_turn_only else spans)
+    return np.array(encoding.ids, dtype=np.int64), mask
+
+
+def truncate_chat(ids, mask, max_tokens):
+    """Cut a conversation after the last complete assistant reply that fits in max_tokens; None if none fits.
+
+    Each masked run ends with an assistant turn's <|im_end|>, so cutting at a run's end keeps whole replies only.
+    """
+    if len(ids) <= max_tokens:
+        return ids, mask
+    trained = mask.astype(bool)
+    run_ends = np.flatnonzero(trained & ~np.append(trained[1:], False)) + 1
+    fitting = run_ends[run_ends <= max_tokens]
+    if len(fitting) == 0:
+        return None
+    return ids[:fitting[-1]], mask[:fitting[-1]]
+
+
+# --------------------------------------------------------------------------------------- token preparation
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything that decides a cache's content (besides the data files themselves)."""
+    kind: str  # "pretrain", "sft" or "dpo"
+    tokenizer_file: str
+    skip_bad: bool
+    max_seq_len: "int | None"  # SFT/DPO: sequences are cut or dropped to max_seq_len + 1 tokens
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(tokenizer_file):
+    return Tokenizer.from_file(tokenizer_file)
+
+
+def _token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def _encode_chunk(job):
+    """Validate and tokenize one chunk of lines (runs in a worker process); results are in line order."""
+    spec, path, first_line_no, lines = job
+    tok = _load_tokenizer(spec.tokenizer_file)
+    stats = collections.Counter()
+    records = [r for _, r in _validated(lines, path, READ_KINDS[spec.kind], spec.skip_bad, stats, first_line_no)]
+    dtype = _token_dtype(tok.get_vocab_size())
+    if spec.kind == "pretrain":
+        eos = [tok.token_to_id(EOS)]
+        encodings = tok.encode_batch_fast([r["text"] for r in records], add_special_tokens=False)
+        tokens = np.fromiter(itertools.chain.from_iterable(e.ids + eos for e in encodings), dtype=dtype)
+        return {"tokens": tokens, "mask": None, "lengths": None, "sequences": len(records), **stats}
+    if spec.kind == "sft":
+        sequences = _chat_sequences(tok, [r["conversations"] for r in records], spec.max_seq_len + 1, stats)
+    else:
+        sequences = _dpo_sequences(tok, records, spec.max_seq_len + 1, stats)
+    return {"tokens": np.concatenate([ids for ids, _ in sequences] or [[]]).astype(dtype),
+            "mask": np.concatenate([mask for _, mask in sequences] or [[]]).astype(np.uint8),
+            "lengths": np.array([len(ids) for ids, _ in sequences], dtype=np.int64),
+            "sequences": len(sequences) // (2 if spec.kind == "dpo" else 1), **stats}
+
+
+def _encode_many(tok, conversations, last_turn_only):
+    """encode_chat for a batch, tokenized in one call."""
+    rendered = [render_chat(c) for c in conversations]
+    encodings = tok.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    return [(np.array(e.ids, dtype=np.int64), target_mask(e.offsets, spans[-1:] if last_turn_only else spans))
+            for e, (_, spans) in zip(encodings, rendered)]
+
+
+def _chat_sequences(tok, conversations, max_tokens, stats):
+    """SFT sequences cut to max_tokens at a reply boundary; conversations whose first reply does not fit are
+    dropped. Counts go to stats["truncated"] and stats["dropped"]."""
+    sequences = []
+    for ids, mask in _encode_many(tok, conversations, last_turn_only=False):
+        fitted = truncate_chat(ids, mask, max_tokens)
+        if fitted is None:
+            stats["dropped"] += 1
+            continue
+        if len(fitted[0]) < len(ids):
+            stats["truncated"] += 1
+        sequences.append(fitted)
+    return sequences
+
+
+def _dpo_sequences(tok, records, max_tokens, stats):
+    """Chosen, rejected, chosen, rejected, ...; pairs where either side exceeds max_tokens are dropped."""
+    chosen = _encode_many(tok, [r["chosen"] for r in records], last_turn_only=True)
+    rejected = _encode_many(tok, [r["rejected"] for r in records], last_turn_only=True)
+    sequences = []
+    for pair in zip(chosen, rejected):
+        if max(len(ids) for ids, _ in pair) > max_tokens:
+            stats["dropped"] += 1
+        else:
+            sequences.extend(pair)
+    return sequences
+
+
+def _jobs(spec, paths):
+    """Stream each file as jobs of about CHUNK_BYTES of consecutive lines."""
+    for path in paths:
+        with open(path, "rb") as f:
+            lines, size, first_line_no = [], 0, 1
+            for line_no, line in enumerate(f, 1):
+                lines.append(line)
+                size += len(line)
+                if size >= CHUNK_BYTES:
+                    yield spec, path, first_line_no, lines
+                    lines, size, first_line_no = [], 0, line_no + 1
+            if lines:
+                yield spec, path, first_line_no, lines
+
+
+def _ordered_map(fn, jobs, num_workers):
+    """map(fn, jobs) on worker processes, in input order, with at most 2 * num_workers jobs in flight.
+
+    Pool.imap would read the whole `jobs` iterator ahead (the whole file into RAM); this keeps memory flat.
+    """
+    if num_workers == 1:
+        yield from map(fn, jobs)
+        return
+    with multiprocessing.Pool(num_workers) as pool:
+        pending = collections.deque()
+        for job in jobs:
+            pending.append(pool.apply_async(fn, (job,)))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@contextlib.contextmanager
+def _single_threaded_tokenizers():
+    """Each worker process is one core: the tokenizers thread pool on top would oversubscribe the CPU, and a pool
+    started before fork() can deadlock the children. Set while the workers fork, restored afterwards."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(spec, paths):
+    """Cache key: format version, parameters, each file's identity (path, size, mtime) and the tokenizer's hash."""
+    files = [[p, st.st_size, st.st_mtime_ns] for p, st in zip(paths, map(os.stat, paths))]
+    key = {"format": FORMAT_VERSION, "kind": spec.kind, "skip_bad": spec.skip_bad, "max_seq_len": spec.max_seq_len,
+           "files": files, "tokenizer": _sha256(spec.tokenizer_file)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _cache_files(stem, kind):
+    files = {"tokens": stem + ".tokens.bin"}
+    if kind != "pretrain":
+        files.update(mask=stem + ".mask.bin", offsets=stem + ".offsets.npy")
+    return files
+
+
+def _load_meta(stem, kind):
+    """The metadata of a complete cache, or None. The metadata file is written last, so a preparation that was
+    killed leaves no metadata (or, with the files damaged since, a size that does not match) and is redone."""
+    if not os.path.exists(stem + ".json"):
+        return None
+    with open(stem + ".json", encoding="utf-8") as f:
+        meta = json.load(f)
+    files = _cache_files(stem, kind)
+    expected = {"tokens": meta["tokens"] * np.dtype(meta["dtype"]).itemsize, "mask": meta["tokens"]}
+    if any(not os.path.exists(p) or (name in expected and os.path.getsize(p) != expected[name])
+           for name, p in files.items()):
+        return None
+    return meta
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _prepare(spec, paths, cache_dir, num_workers):
+    """Tokenize `paths` into the cache unless a complete cache with the same fingerprint exists.
+
+    Returns (stem, meta); the cache files are stem + ".tokens.bin" (and ".mask.bin", ".offsets.npy" for chat).
+    Under DDP, prepare on one rank first (then barrier) so the other ranks find the cache instead of redoing it.
+    """
+    paths = [os.path.abspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    for path in paths:
+        _check_source(path, READ_KINDS[spec.kind])
+    cache_dir = os.path.abspath(cache_dir or DEFAULT_CACHE_DIR)
+    stem = os.path.join(cache_dir, f"{spec.kind}-{_fingerprint(spec, paths)}")
+    meta = _load_meta(stem, spec.kind)
+    if meta is None:
+        os.makedirs(cache_dir, exist_ok=True)
+        t0 = time.perf_counter()
+        meta = _write_cache(spec, paths, stem, num_workers or min(8, os.cpu_count() or 1))
+        source = f"prepared in {time.perf_counter() - t0:.1f}s"
+    else:
+        source = "cached"
+    print(f"{spec.kind} data: {meta['sequences']:,} sequences, {meta['tokens']:,} tokens, "
+          f"{meta['truncated']} truncated, {meta['dropped']} dropped (too long), {meta['skipped']} bad lines skipped "
+          f"({source}: {stem}.*)")
+    _warn_skipped(meta["skipped"], meta["first_problem"])
+    return stem, meta
+
+
+def _write_cache(spec, paths, stem, num_workers):
+    """Stream the workers' results into temporary files, rename them into place, then write the metadata last."""
+    files = _cache_files(stem, spec.kind)
+    tmp = {name: f"{p}.tmp{os.getpid()}" for name, p in files.items()}
+    stats, lengths, n_tokens, first_problem = collections.Counter(), [], 0, None
+    dtype = _token_dtype(_load_tokenizer(spec.tokenizer_file).get_vocab_size())
+    try:
+        with contextlib.ExitStack() as stack, _single_threaded_tokenizers():
+            token_f = stack.enter_context(open(tmp["tokens"], "wb"))
+            mask_f = stack.enter_context(open(tmp["mask"], "wb")) if "mask" in tmp else None
+            for chunk in _ordered_map(_encode_chunk, _jobs(spec, paths), num_workers):
+                token_f.write(chunk["tokens"].tobytes())
+                n_tokens += len(chunk["tokens"])
+                if mask_f:
+                    mask_f.write(chunk["mask"].tobytes())
+                    lengths.append(chunk["lengths"])
+                stats.update({k: chunk.get(k, 0) for k in ("sequences", "skipped", "truncated", "dropped")})
+                first_problem = first_problem or chunk.get("first_problem")  # chunks arrive in line order
+        if "offsets" in tmp:
+            with open(tmp["offsets"], "wb") as f:
+                np.save(f, np.concatenate([[0], np.cumsum(np.concatenate(lengths or [[]]))]).astype(np.int64))
+        for name, p in files.items():
+            os.replace(tmp[name], p)
+    finally:
+        for p in tmp.values():
+            if os.path.exists(p):
+                os.remove(p)
+    meta = {"format": FORMAT_VERSION, "kind": spec.kind, "dtype": np.dtype(dtype).name, "tokens": n_tokens,
+            "max_seq_len": spec.max_seq_len, "pad_id": _load_tokenizer(spec.tokenizer_file).token_to_id(PAD),
+            **{k: stats[k] for k in ("sequences", "skipped", "truncated", "dropped")},
+            "first_problem": first_problem, "sources": paths}
+    _write_json(stem + ".json", meta)
+    return meta
+
+
+def _tokenizer_file(tokenizer_dir):
+    path = os.path.join(os.path.abspath(tokenizer_dir), "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; train a tokenizer with train_tokenizer.py first")
+    return path
+
+
+def prepare_pretrain_tokens(paths, tokenizer_dir, cache_dir=None, num_workers=None, skip_bad=False):
+    """Tokenize pretraining JSONL once (each document followed by <|endoftext|>); returns the flat token file.
+
+    The file holds uint16 ids (uint32 for vocabularies over 65536) and is reused while the data files, the
+    tokenizer and skip_bad stay the same. num_workers processes (default: CPU count, at most 8) tokenize chunks.
+    """
+    spec = _Spec("pretrain", _tokenizer_file(tokenizer_dir), skip_bad, None)
+    stem, _ = _prepare(spec, paths, cache_dir, num_workers)
+    return stem + ".tokens.bin"
+
+
+# ------------------------------------------------------------------------------------------------- datasets
+
+class _CachedDataset(Dataset):
+    """A prepared cache, memory-mapped lazily: DataLoader workers then map the files themselves instead of being
+    sent a pickled copy of every token."""
+
+    def __init__(self, spec, paths, cache_dir, num_workers):
+        self.stem, self.meta = _prepare(spec, paths, cache_dir, num_workers)
+        self.kind, self.pad_id = spec.kind, self.meta["pad_id"]
+        self.stats = {k: self.meta[k] for k in ("sequences", "tokens", "skipped", "truncated", "dropped")}
+        self._arrays = None
+
+    def arrays(self):
+        """The cache as read-only arrays: "tokens" (and "mask", "offsets" for chat data)."""
+        if self._arrays is None:
+            files = _cache_files(self.stem, self.kind)
+            self._arrays = {"tokens": np.memmap(files["tokens"], dtype=self.meta["dtype"], mode="r")}
+            if "mask" in files:
+                self._arrays["mask"] = np.memmap(files["mask"], dtype=np.uint8, mode="r")
+                self._arrays["offsets"] = np.load(files["offsets"])
+        return self._arrays
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+    def _sequence(self, j):
+        """(ids int64, mask uint8) tensors of the j-th stored sequence."""
+        a = self.arrays()
+        start, end = a["offsets"][j], a["offsets"][j + 1]
+        return (torch.from_numpy(a["tokens"][start:end].astype(np.int64)),
+                torch.from_numpy(a["mask"][start:end].copy()))
+
+
+class PretrainDataset(_CachedDataset):
+    """Packed pretraining windows: window i is tokens[i*L : i*L + L + 1] for L = max_seq_len.
+
+    Stride L means every token (except the first) is a target exactly once and nothing is padded; documents are
+    separated by <|endoftext|>, and the final partial window (fewer than L targets) is left out.
+    """
+
+    def __init__(self, paths, tokenizer_dir, max_seq_len, cache_dir=None, num_workers=None, skip_bad=False):
+        super().__init__(_Spec("pretrain", _tokenizer_file(tokenizer_dir), skip_bad, None), paths, cache_dir,
+                         num_workers)
+        self.max_seq_len = max_seq_len
+        self.n_windows = (self.meta["tokens"] - 1) // max_seq_len
+        if self.n_windows <= 0:
+            raise DataError(f"only {self.meta['tokens']} tokens in {paths}; one window needs {max_seq_len + 1}")
+
+    def __len__(self):
+        return self.n_windows
+
+    def __getitem__(self, i):
+        """(input_ids, targets): int64 tensors of length max_seq_len, targets = inputs shifted by one."""
+        if not 0 <= i < self.n_windows:
+            raise IndexError(f"window {i} out of range 0..{self.n_windows - 1}")
+        start = i * self.max_seq_len
+        window = torch.from_numpy(self.arrays()["tokens"][start:start + self.max_seq_len + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+
+class SFTDataset(_CachedDataset):
+    """Conversations (SFT or reasoning) as variable-length (ids, mask) items of at most max_seq_len + 1 tokens.
+
+    Over-long conversations are cut after the last whole assistant reply that fits, or dropped if even the first
+    does not; `stats` holds the counts and `lengths` every item's length (for LengthBucketBatches).
+    """
+
+    def __init__(self, paths, tokenizer_dir, max_seq_len, cache_dir=None, skip_bad=False, num_workers=None):
+        super().__init__(_Spec("sft", _tokenizer_file(tokenizer_dir), skip_bad, max_seq_len), paths, cache_dir,
+                         num_workers)
+        if self.meta["sequences"] == 0:
+            raise DataError(f"no conversations left in {paths} ({self.meta['dropped']} longer than max_seq_len)")
+        self.lengths = np.diff(self.arrays()["offsets"])
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        return self._sequence(i)
+
+
+class DPODataset(_CachedDataset):
+    """Preference pairs as ((chosen_ids, chosen_mask), (rejected_ids, rejected_mask)); masks cover only the final
+    assistant turn. Pairs where either side exceeds max_seq_len + 1 tokens are dropped (counted in `stats`)."""
+
+    def __init__(self, paths, tokenizer_dir, max_seq_len, cache_dir=None, skip_bad=False, num_workers=None):
+        super().__init__(_Spec("dpo", _tokenizer_file(tokenizer_dir), skip_bad, max_seq_len), paths, cache_dir,
+                         num_workers)
+        if self.meta["sequences"] == 0:
+            raise DataError(f"no pairs left in {paths} ({self.meta['dropped']} longer than max_seq_len)")
+        sides = np.diff(self.arrays()["offsets"]).reshape(-1, 2)  # stored as chosen, rejected, chosen, ...
+        self.lengths = sides.max(axis=1)  # a pair is padded to its longer side
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        return self._sequence(2 * i), self._sequence(2 * i + 1)
+
+
+# ----------------------------------------------------------------------------------------- batching, collate
+
+def collate_sft(items, pad_id):
+    """Right-pad (ids, mask) items to the longest; returns input_ids, targets (B, T-1) and a float loss_mask."""
+    longest = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), longest), dtype=torch.float32)
+    for row, (item_ids, item_mask) in enumerate(items):
+        ids[row, :len(item_ids)] = item_ids
+        mask[row, :len(item_mask)] = item_mask
+    return {"input_ids": ids[:, :-1].contiguous(), "targets": ids[:, 1:].contiguous(),
+            "loss_mask": mask[:, 1:].contiguous()}
+
+
+def collate_dpo(items, pad_id):
+    """One batch of 2B rows from B (chosen, rejected) pairs: the B chosen rows first, then the B rejected rows."""
+    return collate_sft([chosen for chosen, _ in items] + [rejected for _, rejected in items], pad_id)
+
+
+class LengthBucketBatches:
+    """Batches of similar-length items, deterministic for (seed, epoch), so that padding stays small.
+
+    Per epoch: shuffle all indices, take chunks of `chunk_batches` batches, sort each chunk by length, cut it into
+    batches, group every `world_size` neighbouring (similar-length) batches into one step, and shuffle the steps.
+    Rank r gets batch r of every step, so all ranks run the same number of steps on similar lengths. Remainder:
+    with world_size > 1 the last len(batches) % world_size batches (at most world_size - 1, a random set each epoch
+    when shuffling) sit the epoch out; with world_size 1 every index appears exactly once, the last batch may be
+    smaller. Resume at batch k with batches(epoch)[k:].
+    """
+
+    def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, shuffle=True, chunk_batches=100):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.shuffle, self.chunk_batches = shuffle, chunk_batches
+
+    def batches(self, epoch):
+        """This rank's batches (lists of item indices) for `epoch`."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        chunk, all_batches = self.batch_size * self.chunk_batches, []
+        for start in range(0, len(order), chunk):
+            idx = order[start:start + chunk]
+            idx = idx[np.argsort(self.lengths[idx], kind="stable")]
+            all_batches += [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        n_steps = len(all_batches) // self.world_size
+        steps = rng.permutation(n_steps) if self.shuffle else np.arange(n_steps)
+        return [all_batches[s * self.world_size + self.rank].tolist() for s in steps]
+
+    def __len__(self):
+        """Batches per epoch on each rank."""
+        n_batches = -(-len(self.lengths) // self.batch_size)
+        return n_batches // self.world_size
+
+
+def pad_fraction(lengths, batches):
+    """Pad tokens / all tokens when each batch is padded to its longest item."""
+    lengths = np.asarray(lengths)
+    padded = sum(len(b) * int(lengths[b].max()) for b in batches)
+    return 1 - sum(int(lengths[b].sum()) for b in batches) / padded
