@@ -1,0 +1,122 @@
+"""Shared plumbing: boolean flags, atomic checkpoint writes, strict loading, the LR schedule and the batch plan."""
+import argparse
+import os
+import pickle
+
+import pytest
+import torch
+
+import train_utils as tu
+from Config import LLMConfig
+from model import Transformer
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], False), (["--flag"], True), (["--flag=True"], True), (["--flag=False"], False),
+    (["--flag", "1"], True), (["--flag", "0"], False), (["--flag", "no"], False), (["--flag=yes"], True),
+])
+def test_bool_flags_parse_every_spelling(argv, expected):
+    parser = argparse.ArgumentParser()
+    tu.add_bool_flag(parser, "--flag")
+    assert parser.parse_args(argv).flag is expected
+
+
+def test_bool_flag_rejects_nonsense():
+    parser = argparse.ArgumentParser()
+    tu.add_bool_flag(parser, "--flag")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--flag=maybe"])
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("disk full")  # a failure in the middle of writing the file
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / "latest_checkpoint.pth"
+    tu.atomic_torch_save({"step": 1, "w": torch.ones(3)}, str(path))
+    with pytest.raises(RuntimeError, match="disk full"):
+        tu.atomic_torch_save({"step": 2, "w": torch.zeros(1000), "bad": Unpicklable()}, str(path))
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert os.listdir(tmp_path) == ["latest_checkpoint.pth"]  # no temporary file left behind
+
+
+def tiny_model(**kw):
+    return Transformer(LLMConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=50, max_seq_len=16, **kw))
+
+
+def test_strict_load_names_missing_unexpected_and_mismatched_keys():
+    model = tiny_model()
+    state = model.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["norm.weight"]
+    state["layers.0.self_attn.q_proj.weight"] = torch.zeros(5, 5)
+    with pytest.raises(ValueError) as err:
+        tu.load_state_strict(model, state, "ckpt.pth")
+    message = str(err.value)
+    assert "ckpt.pth" in message and "norm.weight" in message and "extra.weight" in message
+    assert "layers.0.self_attn.q_proj.weight: checkpoint (5, 5) vs model (32, 32)" in message
+
+
+def test_load_model_round_trip_and_clear_errors(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model()
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, tmp_path / "m.pth")
+    loaded, _ = tu.load_model(str(tmp_path / "m.pth"))
+    ids = torch.randint(0, 50, (1, 8))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    longer, _ = tu.load_model(str(tmp_path / "m.pth"), max_seq_len=32)
+    assert longer.config.max_seq_len == 32
+    with pytest.raises(FileNotFoundError, match="nope.pth: no such checkpoint"):
+        tu.load_model(str(tmp_path / "nope.pth"))
+    torch.save({"weights": 1}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="expected keys 'model' and 'config'"):
+        tu.load_model(str(tmp_path / "other.pth"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        tu.load_model(str(tmp_path / "folder"))
+
+
+def test_lr_warmup_then_cosine_to_floor():
+    lrs = [tu.lr_at(s, 10, 2, 1.0, 0.1) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0]
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_batch_plan_numbers_micro_batches_across_epochs():
+    rt = tu.Runtime(torch.device("cpu"), "float32")
+    plan = tu.BatchPlan(tu.shuffled_batches(10, 3, seed=0, rt=rt), epochs=2)
+    everything = list(plan.micro_batches(0))
+    assert plan.per_epoch == 3 and len(everything) == 6
+    assert [e for e, _ in everything] == [0, 0, 0, 1, 1, 1]
+    assert all(len(b) == 3 for _, b in everything)
+    resumed = list(plan.micro_batches(4))
+    assert [b.tolist() for _, b in resumed] == [b.tolist() for _, b in everything[4:]]
+    assert [b.tolist() for _, b in everything[:3]] != [b.tolist() for _, b in everything[3:]]  # reshuffled
+
+
+def test_ranks_split_each_global_batch():
+    one = tu.shuffled_batches(20, 4, seed=3, rt=tu.Runtime(torch.device("cpu"), "float32"))(1)
+    ranks = [tu.shuffled_batches(20, 2, seed=3, rt=tu.Runtime(torch.device("cpu"), "float32", rank=r,
+                                                                world_size=2))(1) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(one)
+    for step, batch in enumerate(one):
+        assert batch.tolist() == ranks[0][step].tolist() + ranks[1][step].tolist()
+
+
+def test_rng_state_round_trips_through_pickle_and_weights_only(tmp_path):
+    tu.seed_everything(5)
+    state = tu.rng_state()
+    expected = torch.rand(3)
+    torch.save({"rng": pickle.loads(pickle.dumps(state))}, tmp_path / "r.pth")
+    torch.rand(10)
+    tu.set_rng_state(torch.load(tmp_path / "r.pth", weights_only=True)["rng"])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_flops_per_token_follows_the_guide():
+    config = LLMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100)
+    n = config.param_counts()[1]
+    assert tu.flops_per_token(config, 128) == 6 * n + 12 * 2 * 64 * 128
