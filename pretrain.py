@@ -8,13 +8,10 @@ Writes save_dir/latest_checkpoint.pth every --save_step optimizer steps, then sa
 safetensors folder) and save_dir/pretrain_curves.png. No data yet? `python demo_data.py` makes a small corpus.
 """
 import argparse
-import contextlib
-import math
 import os
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoTokenizer
 
 import train_utils as tu
@@ -73,14 +70,13 @@ def main(argv=None):
         if not os.path.isfile(path):
             raise SystemExit(DATA_HELP.format(path=path))
     rt = tu.setup_runtime(args)
-    resume_path = tu.resolve_resume(args)
-    ckpt = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path else None
+    resume_path, ckpt = tu.read_resume_checkpoint(args)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
     config = model_config(args, ckpt, len(tokenizer))
     args.max_seq_len = config.max_seq_len
     tu.seed_everything(args.seed)  # the same initial weights on every rank and in every run with this seed
     model = Transformer(config).to(rt.device)
-    optimizer = tu.build_optimizer(model, args.learning_rate, args.weight_decay, rt.device)
+    optimizer = tu.build_optimizer(model, args.learning_rate, args.weight_decay)
     scaler = tu.make_scaler(rt)
     with tu.master_first(rt):
         data = PretrainDataset(args.data_path, args.tokenizer_path, config.max_seq_len, cache_dir=args.cache_dir,
@@ -88,78 +84,62 @@ def main(argv=None):
         eval_data = PretrainDataset(args.eval_data, args.tokenizer_path, config.max_seq_len,
                                     cache_dir=args.cache_dir) if args.eval_data else None
     plan = tu.BatchPlan(tu.shuffled_batches(len(data), args.batch_size, args.seed, rt), args.epochs)
-    steps = tu.total_steps(plan, args.accumulation_steps, args.max_steps)
-    warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.01 * steps)
-    min_lr = args.min_lr if args.min_lr is not None else args.learning_rate / 10
+    schedule = tu.Schedule(args, plan)
     step, micro_step, history = 0, 0, None
     if ckpt is not None:
         tu.load_training_state(ckpt, resume_path, model=model, optimizer=optimizer, scaler=scaler, args=args, rt=rt)
         step, micro_step, history = ckpt["step"], ckpt["micro_step"], ckpt["history"]
     else:
         tu.seed_everything(args.seed + rt.rank)  # dropout masks differ across ranks
-    train_model = torch.compile(model) if args.compile else model
-    if rt.ddp:
-        train_model = DistributedDataParallel(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda"
-                                              else None)
+    train_model = tu.wrap_model(model, args, rt)
     tokens_per_micro = args.batch_size * config.max_seq_len * rt.world_size
     flops = tu.flops_per_token(config, config.max_seq_len)
     peak = tu.peak_flops(rt.device) if rt.is_master else None
     if rt.is_master:
         print(f"model: {describe(config)} | {len(data):,} windows of {config.max_seq_len} tokens | "
-              f"{plan.per_epoch:,} micro-batches per epoch | {steps:,} optimizer steps from step {step}")
-    logger = tu.TrainLogger(args, rt, "pretrain", steps, step, history)
+              f"{plan.per_epoch:,} micro-batches per epoch | {schedule.steps:,} optimizer steps from step {step}")
+    logger = tu.TrainLogger(args, rt, "pretrain", schedule.steps, step, history)
     batches = plan.micro_batches(micro_step)
     latest = os.path.join(args.save_dir, "latest_checkpoint.pth")
     train_model.train()
-    while step < steps:
+    while step < schedule.steps:
         t0 = time.perf_counter()
-        lr = tu.lr_at(step, steps, warmup, args.learning_rate, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        n_micro = min(args.accumulation_steps, plan.total - micro_step)  # the run's last step may be shorter
+        lr = schedule.lr(step)
+        tu.set_lr(optimizer, lr)
+        n_micro = schedule.micro_batches_in_step(micro_step)
         loss_sum = torch.zeros((), device=rt.device)
         for i in range(n_micro):
             _, indices = next(batches)
             x, y = collate_windows(data, indices)
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            # Gradients are all-reduced only on the last micro-batch of the step.
-            sync = contextlib.nullcontext() if not rt.ddp or i == n_micro - 1 else train_model.no_sync()
-            with sync:
+            with tu.no_sync_unless_last(train_model, rt, i, n_micro):
                 with tu.autocast(rt):
                     out = train_model(x, targets=y)
                     loss = (out.loss + out.aux_loss) / n_micro
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
         micro_step += n_micro
-        mean_loss, bad = tu.all_reduce_sum(rt, [loss_sum.item() / rt.world_size,
-                                                float(not torch.isfinite(loss_sum))])
-        if bad:
-            raise SystemExit(f"loss is {loss_sum.item()} at step {step + 1}: stopping. {latest} still holds the "
-                             f"last good state; try a lower --learning_rate or --dtype bfloat16.")
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        mean_loss = tu.global_loss(rt, loss_sum, step, latest)
+        grad_norm = tu.optimizer_step(model, optimizer, scaler, args.grad_clip)
         step += 1
         tokens_per_s = n_micro * tokens_per_micro / (time.perf_counter() - t0)
-        metrics = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
+        metrics = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
         if peak:
             metrics["mfu"] = flops * tokens_per_s / peak
         logger.log(step, metrics)
-        if eval_data is not None and (step % args.eval_interval == 0 or step == steps):
+        if eval_data is not None and (step % args.eval_interval == 0 or step == schedule.steps):
             logger.log_eval(step, tu.evaluate(model, eval_batches(eval_data, args, rt), rt))
-        if step % args.save_step == 0 or step in (steps, args.stop_step):
+        if step % args.save_step == 0 or step in (schedule.steps, args.stop_step):
             tu.save_checkpoint(latest, model=model, optimizer=optimizer, scaler=scaler, step=step,
                                micro_step=micro_step, config=config, args=args, rt=rt, history=logger.history)
         if step == args.stop_step:
             break
     curves = logger.close()
-    if rt.is_master and step == steps:
+    if rt.is_master and step == schedule.steps:
         print(f"saved {tu.save_final(model, config, args.save_dir, 'pretrain', args.tokenizer_path)}; "
               f"curves in {curves}")
     elif rt.is_master:
-        print(f"stopped at step {step}/{steps}; continue with --resume_from {latest}")
+        print(f"stopped at step {step}/{schedule.steps}; continue with --resume_from {latest}")
     tu.teardown(rt)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from Config import LLMConfig
 from model import Transformer
@@ -167,12 +168,14 @@ def lr_at(step, total_steps, warmup_steps, max_lr, min_lr):
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_optimizer(model, lr, weight_decay, device):
-    """AdamW that decays matrices (linear and embedding weights) but not norm gains or biases; fused on CUDA."""
+def build_optimizer(model, lr, weight_decay):
+    """AdamW that decays matrices (linear and embedding weights) but not norm gains or biases.
+
+    The fused kernel (CPU and CUDA) updates each tensor in one pass; on CPU it is ~7x faster than the default."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 class BatchPlan:
@@ -212,9 +215,57 @@ def shuffled_batches(n_items, batch_size, seed, rt):
     return epoch_batches
 
 
-def total_steps(plan, accumulation_steps, max_steps):
-    steps = math.ceil(plan.total / accumulation_steps)
-    return min(steps, max_steps) if max_steps else steps
+class Schedule:
+    """The run's length in optimizer steps and its learning rate at each step.
+
+    Warmup defaults to 1% of the steps and the cosine floor to learning_rate / 10. The last, possibly shorter,
+    optimizer step takes the micro-batches left over at the end of the run."""
+
+    def __init__(self, args, plan):
+        steps = math.ceil(plan.total / args.accumulation_steps)
+        self.steps = min(steps, args.max_steps) if args.max_steps else steps
+        self.accumulation, self.total_micro = args.accumulation_steps, plan.total
+        self.warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.01 * self.steps)
+        self.max_lr = args.learning_rate
+        self.min_lr = args.min_lr if args.min_lr is not None else args.learning_rate / 10
+
+    def lr(self, step):
+        return lr_at(step, self.steps, self.warmup, self.max_lr, self.min_lr)
+
+    def micro_batches_in_step(self, micro_step):
+        return min(self.accumulation, self.total_micro - micro_step)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Unscale (fp16), clip the global gradient norm, step, update the loss scale, clear the gradients.
+    Returns the norm before clipping."""
+    scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
+
+
+def global_loss(rt, local_loss, step, checkpoint_path):
+    """The step's loss averaged over processes; a NaN/inf on any process stops every process, before the
+    optimizer step, so the last checkpoint stays the last good state."""
+    mean, bad = all_reduce_sum(rt, [local_loss.item() / rt.world_size, float(not torch.isfinite(local_loss))])
+    if bad:
+        raise SystemExit(f"loss is {local_loss.item()} at step {step + 1}: stopping. {checkpoint_path} still holds "
+                         f"the last good state; try a lower --learning_rate or --dtype bfloat16.")
+    return mean
+
+
+def no_sync_unless_last(model, rt, i, n):
+    """DDP all-reduces gradients only on the last micro-batch of an optimizer step."""
+    return contextlib.nullcontext() if not rt.ddp or i == n - 1 else model.no_sync()
 
 
 # ----------------------------------------------------------------------------------- checkpoints and exact resume
@@ -299,6 +350,12 @@ def resolve_resume(args):
     return args.resume_from
 
 
+def read_resume_checkpoint(args):
+    """(path, checkpoint) to resume from, or (None, None) for a fresh run."""
+    path = resolve_resume(args)
+    return (path, torch.load(path, map_location="cpu", weights_only=True)) if path else (None, None)
+
+
 def load_training_state(ckpt, path, *, model, optimizer, scaler, args, rt):
     """Restore model, optimizer, scaler and this rank's RNG from a checkpoint written by save_checkpoint."""
     saved = ckpt["args"]
@@ -313,6 +370,14 @@ def load_training_state(ckpt, path, *, model, optimizer, scaler, args, rt):
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"][rt.rank])
+
+
+def wrap_model(model, args, rt):
+    """torch.compile (if asked) and DDP around the model; the optimizer keeps using the plain model's parameters."""
+    model = torch.compile(model) if args.compile else model
+    if rt.ddp:
+        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return model
 
 
 def unwrap(model):
