@@ -142,7 +142,8 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.top_k, self.n_experts, self.alpha = config.num_experts_per_tok, config.n_routed_experts, config.aux_loss_alpha
+        self.top_k, self.n_experts = config.num_experts_per_tok, config.n_routed_experts
+        self.alpha = config.aux_loss_alpha
         self.router = nn.Linear(config.dim, config.n_routed_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(config.dim, config.hidden_dim) for _ in range(config.n_routed_experts))
         self.shared_experts = nn.ModuleList(

@@ -8,8 +8,6 @@ Writes save_dir/latest_checkpoint.pth every --save_step optimizer steps, then sa
 safetensors folder) and save_dir/pretrain_curves.png. No data yet? `python demo_data.py` makes a small corpus.
 """
 import argparse
-import os
-import time
 
 import torch
 from transformers import AutoTokenizer
@@ -37,7 +35,6 @@ def parse_args(argv=None):
     p.add_argument("--n_heads", type=int, default=None)
     p.add_argument("--n_kv_heads", type=int, default=None)
     tu.add_bool_flag(p, "--use_moe", default=None, help="mixture-of-experts feed-forward layers")
-    tu.add_bool_flag(p, "--skip_bad_lines", help="skip (and count) malformed JSONL lines instead of stopping")
     tu.add_training_args(p, batch_size=32, learning_rate=5e-4, epochs=1, save_step=1000)
     return p.parse_args(argv)
 
@@ -52,11 +49,8 @@ def model_config(args, ckpt, vocab_size):
 
 
 def eval_batches(data, args, rt):
-    """The first --eval_batches global batches of the held-out windows, in a fixed order, split across ranks."""
-    limit = min(len(data), args.eval_batches * args.batch_size * rt.world_size)
-    for start in range(rt.rank * args.batch_size, limit, args.batch_size * rt.world_size):
-        x, y = collate_windows(data, range(start, min(start + args.batch_size, limit)))
-        yield x, y, None
+    for indices in tu.eval_indices(len(data), args.batch_size, rt, args.eval_batches):
+        yield *collate_windows(data, indices), None
 
 
 def collate_windows(data, indices):
@@ -66,9 +60,7 @@ def collate_windows(data, indices):
 
 def main(argv=None):
     args = parse_args(argv)
-    for path in args.data_path:
-        if not os.path.isfile(path):
-            raise SystemExit(DATA_HELP.format(path=path))
+    tu.require_files(args.data_path, DATA_HELP)
     rt = tu.setup_runtime(args)
     resume_path, ckpt = tu.read_resume_checkpoint(args)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
@@ -76,71 +68,37 @@ def main(argv=None):
     args.max_seq_len = config.max_seq_len
     tu.seed_everything(args.seed)  # the same initial weights on every rank and in every run with this seed
     model = Transformer(config).to(rt.device)
-    optimizer = tu.build_optimizer(model, args.learning_rate, args.weight_decay)
-    scaler = tu.make_scaler(rt)
-    with tu.master_first(rt):
-        data = PretrainDataset(args.data_path, args.tokenizer_path, config.max_seq_len, cache_dir=args.cache_dir,
-                               num_workers=args.num_workers, skip_bad=args.skip_bad_lines)
-        eval_data = PretrainDataset(args.eval_data, args.tokenizer_path, config.max_seq_len,
-                                    cache_dir=args.cache_dir) if args.eval_data else None
+    data, eval_data = tu.load_data(PretrainDataset, args, rt, config.max_seq_len)
     plan = tu.BatchPlan(tu.shuffled_batches(len(data), args.batch_size, args.seed, rt), args.epochs)
-    schedule = tu.Schedule(args, plan)
-    step, micro_step, history = 0, 0, None
-    if ckpt is not None:
-        tu.load_training_state(ckpt, resume_path, model=model, optimizer=optimizer, scaler=scaler, args=args, rt=rt)
-        step, micro_step, history = ckpt["step"], ckpt["micro_step"], ckpt["history"]
-    else:
-        tu.seed_everything(args.seed + rt.rank)  # dropout masks differ across ranks
-    train_model = tu.wrap_model(model, args, rt)
+    evaluate = (lambda: tu.evaluate(model, eval_batches(eval_data, args, rt), rt)) if eval_data else None
+    run = tu.TrainingRun("pretrain", args, rt, model, plan, ckpt, resume_path, evaluate)
     tokens_per_micro = args.batch_size * config.max_seq_len * rt.world_size
     flops = tu.flops_per_token(config, config.max_seq_len)
     peak = tu.peak_flops(rt.device) if rt.is_master else None
     if rt.is_master:
         print(f"model: {describe(config)} | {len(data):,} windows of {config.max_seq_len} tokens | "
-              f"{plan.per_epoch:,} micro-batches per epoch | {schedule.steps:,} optimizer steps from step {step}")
-    logger = tu.TrainLogger(args, rt, "pretrain", schedule.steps, step, history)
-    batches = plan.micro_batches(micro_step)
-    latest = os.path.join(args.save_dir, "latest_checkpoint.pth")
-    train_model.train()
-    while step < schedule.steps:
-        t0 = time.perf_counter()
-        lr = schedule.lr(step)
-        tu.set_lr(optimizer, lr)
-        n_micro = schedule.micro_batches_in_step(micro_step)
+              f"{plan.per_epoch:,} micro-batches per epoch | {run.schedule.steps:,} optimizer steps from {run.step}")
+    while run.running():
+        lr, micro = run.start_step()
         loss_sum = torch.zeros((), device=rt.device)
-        for i in range(n_micro):
-            _, indices = next(batches)
+        for i, indices in enumerate(micro):
             x, y = collate_windows(data, indices)
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            with tu.no_sync_unless_last(train_model, rt, i, n_micro):
+            with run.no_sync(i, len(micro)):
                 with tu.autocast(rt):
-                    out = train_model(x, targets=y)
-                    loss = (out.loss + out.aux_loss) / n_micro
-                scaler.scale(loss).backward()
+                    out = run.train_model(x, targets=y)
+                    loss = (out.loss + out.aux_loss) / len(micro)
+                run.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        micro_step += n_micro
-        mean_loss = tu.global_loss(rt, loss_sum, step, latest)
-        grad_norm = tu.optimizer_step(model, optimizer, scaler, args.grad_clip)
-        step += 1
-        tokens_per_s = n_micro * tokens_per_micro / (time.perf_counter() - t0)
+        mean_loss = run.global_loss(loss_sum)
+        grad_norm = run.optimizer_step()
+        tokens_per_s = len(micro) * tokens_per_micro / run.seconds()
         metrics = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
         if peak:
             metrics["mfu"] = flops * tokens_per_s / peak
-        logger.log(step, metrics)
-        if eval_data is not None and (step % args.eval_interval == 0 or step == schedule.steps):
-            logger.log_eval(step, tu.evaluate(model, eval_batches(eval_data, args, rt), rt))
-        if step % args.save_step == 0 or step in (schedule.steps, args.stop_step):
-            tu.save_checkpoint(latest, model=model, optimizer=optimizer, scaler=scaler, step=step,
-                               micro_step=micro_step, config=config, args=args, rt=rt, history=logger.history)
-        if step == args.stop_step:
+        if not run.end_step(metrics):
             break
-    curves = logger.close()
-    if rt.is_master and step == schedule.steps:
-        print(f"saved {tu.save_final(model, config, args.save_dir, 'pretrain', args.tokenizer_path)}; "
-              f"curves in {curves}")
-    elif rt.is_master:
-        print(f"stopped at step {step}/{schedule.steps}; continue with --resume_from {latest}")
-    tu.teardown(rt)
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ throughput/MFU and logging. The stage scripts (pretrain.py, SFT.py, distill.py, 
 """
 import argparse
 import contextlib
+import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from Config import LLMConfig
+from dataset import LengthBucketBatches, collate_sft
 from model import Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -77,6 +80,7 @@ def add_training_args(parser, *, batch_size, learning_rate, epochs, max_seq_len=
     a("--project", default="tiny-llm", help="tracker project name")
     a("--num_workers", type=int, default=None, help="processes for tokenizing data (default: CPU count)")
     a("--cache_dir", default=None, help="token cache folder (default: .cache/tokens in the repository)")
+    add_bool_flag(parser, "--skip_bad_lines", help="skip (and count) malformed JSONL lines instead of stopping")
 
 
 # ---------------------------------------------------------------------------------------------- devices and DDP
@@ -241,33 +245,6 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
-def optimizer_step(model, optimizer, scaler, grad_clip):
-    """Unscale (fp16), clip the global gradient norm, step, update the loss scale, clear the gradients.
-    Returns the norm before clipping."""
-    scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item()
-
-
-def global_loss(rt, local_loss, step, checkpoint_path):
-    """The step's loss averaged over processes; a NaN/inf on any process stops every process, before the
-    optimizer step, so the last checkpoint stays the last good state."""
-    mean, bad = all_reduce_sum(rt, [local_loss.item() / rt.world_size, float(not torch.isfinite(local_loss))])
-    if bad:
-        raise SystemExit(f"loss is {local_loss.item()} at step {step + 1}: stopping. {checkpoint_path} still holds "
-                         f"the last good state; try a lower --learning_rate or --dtype bfloat16.")
-    return mean
-
-
-def no_sync_unless_last(model, rt, i, n):
-    """DDP all-reduces gradients only on the last micro-batch of an optimizer step."""
-    return contextlib.nullcontext() if not rt.ddp or i == n - 1 else model.no_sync()
-
-
 # ----------------------------------------------------------------------------------- checkpoints and exact resume
 
 def atomic_torch_save(obj, path):
@@ -428,10 +405,8 @@ def load_state_strict(model, state, source):
     model.load_state_dict(state, strict=True)
 
 
-def load_model(path, device="cpu", **config_overrides):
-    """A Transformer from a final .pth, a latest_checkpoint.pth or a safetensors folder; returns (model, meta).
-
-    config_overrides change fields of the saved config (e.g. a longer max_seq_len with rope_scaling)."""
+def read_weights(path):
+    """(LLMConfig, state dict, meta) from a final .pth, a latest_checkpoint.pth or a safetensors folder."""
     if os.path.isdir(path):
         from safetensors.torch import load_file
         files = [os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")]
@@ -448,15 +423,74 @@ def load_model(path, device="cpu", **config_overrides):
         config_dict, state, meta = ckpt["config"], ckpt["model"], ckpt.get("meta", {})
     else:
         raise FileNotFoundError(f"{path}: no such checkpoint (expected a .pth file or a safetensors folder)")
-    config = LLMConfig.from_dict({**config_dict, **{k: v for k, v in config_overrides.items() if v is not None}})
-    model = Transformer(config)
+    config = LLMConfig.from_dict(config_dict)
     if config.tie_word_embeddings and "lm_head.weight" not in state:  # safetensors stores a tied tensor once
         state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
-    load_state_strict(model, state, path)
-    return model.to(device), meta
+    return config, state, meta
+
+
+def build_model(config, state, source, device="cpu"):
+    """A Transformer of `config` holding exactly `state` (see load_state_strict)."""
+    model = Transformer(config)
+    load_state_strict(model, state, source)
+    return model.to(device)
+
+
+def load_model(path, device="cpu", **config_overrides):
+    """A Transformer from a checkpoint (see read_weights); returns (model, meta).
+
+    config_overrides change fields of the saved config (e.g. a longer max_seq_len with rope_scaling)."""
+    config, state, meta = read_weights(path)
+    config = dataclasses.replace(config, **{k: v for k, v in config_overrides.items() if v is not None})
+    return build_model(config, state, path, device), meta
+
+
+def check_tokenizer(meta, tokenizer_dir, source):
+    """Refuse weights trained with another tokenizer: their token ids would mean different text."""
+    expected = meta.get("tokenizer")
+    if expected is not None and expected != tokenizer_fingerprint(tokenizer_dir):
+        raise SystemExit(f"{source} was trained with another tokenizer (fingerprint {expected}) than "
+                         f"{tokenizer_dir} ({tokenizer_fingerprint(tokenizer_dir)}); pass the matching "
+                         f"--tokenizer_path")
 
 
 # ------------------------------------------------------------------------------------------ evaluation and speed
+
+def require_files(paths, help_text):
+    """Stop with help_text (where to get data) when an input file is missing."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise SystemExit(help_text.format(path=path))
+
+
+def load_data(dataset_class, args, rt, max_seq_len):
+    """The training and (with --eval_data) held-out datasets; rank 0 tokenizes into the cache first."""
+    def load(paths, skip_bad):
+        return dataset_class(paths, args.tokenizer_path, max_seq_len, cache_dir=args.cache_dir, skip_bad=skip_bad,
+                             num_workers=args.num_workers)
+    with master_first(rt):
+        return load(args.data_path, args.skip_bad_lines), load(args.eval_data, False) if args.eval_data else None
+
+
+def bucketed_plan(data, args, rt):
+    """Batches of similar-length conversations (little padding), deterministic per (seed, epoch)."""
+    buckets = LengthBucketBatches(data.lengths, args.batch_size, args.seed, rt.rank, rt.world_size)
+    return BatchPlan(buckets.batches, args.epochs)
+
+
+def eval_indices(n_items, batch_size, rt, max_batches):
+    """Held-out items in a fixed order: the first max_batches global batches, each split across processes."""
+    limit = min(n_items, max_batches * batch_size * rt.world_size)
+    for start in range(rt.rank * batch_size, limit, batch_size * rt.world_size):
+        yield range(start, min(start + batch_size, limit))
+
+
+def chat_eval_batches(data, args, rt):
+    """Held-out conversations (an SFTDataset) as (input_ids, targets, loss_mask) batches for evaluate()."""
+    for indices in eval_indices(len(data), args.batch_size, rt, args.eval_batches):
+        batch = collate_sft([data[i] for i in indices], data.pad_id)
+        yield batch["input_ids"], batch["targets"], batch["loss_mask"]
+
 
 @torch.no_grad()
 def evaluate(model, batches, rt):
@@ -502,6 +536,104 @@ def peak_flops(device):
         return measure_cpu_peak_flops()
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+
+
+# ---------------------------------------------------------------------------------------------- the run itself
+
+class TrainingRun:
+    """What every stage's loop shares around its own forward and backward passes: optimizer and loss scaler, the LR
+    schedule, the data position (restored exactly on resume), logging, periodic validation and checkpoints.
+
+    A stage loop reads:  while run.running(): lr, micro = run.start_step(); <forward/backward each micro-batch>;
+    loss = run.global_loss(...); grad_norm = run.optimizer_step(); run.end_step(metrics) (False: stop here).
+    """
+
+    def __init__(self, stage, args, rt, model, plan, ckpt=None, resume_path=None, evaluate=None, extra=None):
+        self.stage, self.args, self.rt, self.model, self.evaluate = stage, args, rt, model, evaluate
+        self.extra = extra or {}
+        self.optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+        self.scaler = make_scaler(rt)
+        self.schedule = Schedule(args, plan)
+        self.step = self.micro_step = 0
+        history = None
+        if ckpt is not None:
+            load_training_state(ckpt, resume_path, model=model, optimizer=self.optimizer, scaler=self.scaler,
+                                args=args, rt=rt)
+            self.step, self.micro_step, history = ckpt["step"], ckpt["micro_step"], ckpt["history"]
+        else:
+            seed_everything(args.seed + rt.rank)  # dropout masks differ across ranks
+        self.train_model = wrap_model(model, args, rt)
+        self.logger = TrainLogger(args, rt, stage, self.schedule.steps, self.step, history)
+        self.batches = plan.micro_batches(self.micro_step)
+        self.latest = os.path.join(args.save_dir, "latest_checkpoint.pth")
+        self.started = time.perf_counter()
+
+    def running(self):
+        return self.step < self.schedule.steps
+
+    def start_step(self):
+        """Set this step's learning rate; returns it and the item indices of each of the step's micro-batches."""
+        self.started = time.perf_counter()
+        lr = self.schedule.lr(self.step)
+        set_lr(self.optimizer, lr)
+        n = self.schedule.micro_batches_in_step(self.micro_step)
+        self.micro_step += n
+        return lr, [indices for _, indices in itertools.islice(self.batches, n)]
+
+    def no_sync(self, i, n):
+        """DDP all-reduces gradients only on the last micro-batch of an optimizer step."""
+        return contextlib.nullcontext() if not self.rt.ddp or i == n - 1 else self.train_model.no_sync()
+
+    def global_loss(self, local_loss):
+        """The step's loss averaged over processes; a NaN/inf on any process stops every process before the
+        optimizer step, so the last checkpoint stays the last good state."""
+        mean, bad = all_reduce_sum(self.rt, [local_loss.item() / self.rt.world_size,
+                                             float(not torch.isfinite(local_loss))])
+        if bad:
+            raise SystemExit(f"loss is {local_loss.item()} at step {self.step + 1}: stopping. {self.latest} still "
+                             f"holds the last good state; try a lower --learning_rate or --dtype bfloat16.")
+        return mean
+
+    def optimizer_step(self):
+        """Unscale (fp16), clip the global gradient norm, step, update the loss scale, clear the gradients.
+        Returns the norm before clipping."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip or float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item()
+
+    def seconds(self):
+        """Wall time since start_step."""
+        return time.perf_counter() - self.started
+
+    def end_step(self, metrics):
+        """Count the step, log it, validate and checkpoint when due. False when this session should stop here."""
+        self.step += 1
+        last = self.step == self.schedule.steps
+        self.logger.log(self.step, metrics)
+        if self.evaluate is not None and (self.step % self.args.eval_interval == 0 or last):
+            self.logger.log_eval(self.step, self.evaluate())
+        if self.step % self.args.save_step == 0 or last or self.step == self.args.stop_step:
+            save_checkpoint(self.latest, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                            step=self.step, micro_step=self.micro_step, config=unwrap(self.model).config,
+                            args=self.args, rt=self.rt, history=self.logger.history, extra=self.extra)
+        return self.step != self.args.stop_step
+
+    def finish(self, final_model=None):
+        """Curves; the final weights (final_model, default the trained model) if the run reached its last step;
+        process-group teardown. Returns the final weights' path or None."""
+        curves, path = self.logger.close(), None
+        if self.rt.is_master and not self.running():
+            model = final_model or self.model
+            path = save_final(model, unwrap(model).config, self.args.save_dir, self.stage, self.args.tokenizer_path)
+            print(f"saved {path}; curves in {curves}")
+        elif self.rt.is_master:
+            print(f"stopped at step {self.step}/{self.schedule.steps}; continue with --resume_from {self.latest}")
+        teardown(self.rt)
+        return path
 
 
 # ----------------------------------------------------------------------------------------------------- logging
