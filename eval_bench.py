@@ -1,0 +1,350 @@
+"""Benchmarks from local files: multiple choice by log-likelihood, exact-match answers by greedy generation.
+
+    python eval_bench.py --model_mode 1 --data_path ceval_val.jsonl gsm8k_test.jsonl --output_file results/bench.json
+    python eval_bench.py --model_path results/distill_final.pth --data_path gsm8k_test.jsonl --max_new_tokens 256
+
+Multiple choice (C-Eval, CMMLU, ARC style), one item per line:
+    {"question": str, "choices": ["...", "..."] or {"A": "...", "B": "..."}, "answer": "B" or 1}
+  also accepted: C-Eval's top-level "A".."D" fields, ARC's "choices": {"text": [...], "label": [...]} and "answerKey".
+Every choice is scored by its log-likelihood given the question prompt. accuracy picks the highest sum,
+accuracy_norm the highest sum per character of the choice (lm-evaluation-harness's acc_norm, which does not favour
+short choices). The choices of several items run in one padded batch.
+
+Exact match (GSM8K style): {"question": str, "answer": str} or {"conversations": [..., user turn, reference
+assistant turn]} (a top-level "answer" field, if present, is the reference instead). The model answers greedily;
+the <answer>…</answer> content (else the text after "####", else the last number, else the reply) is compared with
+the reference's after normalisation (NFKC, strip, lowercase, no thousands commas, no "$", "%" or final ".",
+numbers canonical: "18.0" → "18").
+
+Prompts: chat models (every stage but pretrain) get the question as a user message in the ChatML template; a
+pretrained model gets "Question: …\\nAnswer:" (--template overrides). The task kind is read off each file's first
+record. evaluate_file() and the functions below run the same in-process.
+"""
+import argparse
+import json
+import os
+import re
+import unicodedata
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from dataset import DataError
+from eval_model import (
+    MODES,
+    checkpoint_path,
+    encode_prompt,
+    encode_raw,
+    inference_device,
+    inference_dtype,
+    load_for_inference,
+    split_reasoning,
+    stop_ids,
+)
+from train_utils import ROOT, check_tokenizer
+
+LETTERS = "ABCDEFGHIJ"
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
+
+
+# --------------------------------------------------------------------------------------------------- reading items
+
+def read_records(path, max_samples=None):
+    """Yield (line_no, dict) from a JSONL file; bad JSON raises DataError naming path:line."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found; expected a JSONL file of benchmark items")
+    with open(path, "rb") as f:
+        count = 0
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if max_samples is not None and count >= max_samples:
+                return
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from e
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            count += 1
+            yield line_no, record
+
+
+def task_kind(record):
+    """"choice" for multiple-choice items, "exact" for question/answer items."""
+    return "choice" if "choices" in record or "A" in record else "exact"
+
+
+def choice_lists(record):
+    """(labels, texts) of a multiple-choice record, whichever of the accepted layouts it uses."""
+    choices = record.get("choices")
+    if choices is None:  # C-Eval / CMMLU rows: the choices are top-level A, B, C, ... fields
+        labels = [letter for letter in LETTERS if letter in record]
+        return labels, [record[letter] for letter in labels]
+    if isinstance(choices, list):
+        return list(LETTERS[:len(choices)]), choices
+    if isinstance(choices, dict) and set(choices) == {"text", "label"}:  # ARC on the Hugging Face hub
+        return list(choices["label"]), list(choices["text"])
+    if isinstance(choices, dict):
+        return list(choices), list(choices.values())
+    raise ValueError("'choices' must be a list or an object of label -> text")
+
+
+def choice_item(record):
+    """(question, choice texts, index of the right one); ValueError says what is wrong."""
+    if not isinstance(record.get("question"), str):
+        raise ValueError("missing or non-string field 'question'")
+    labels, texts = choice_lists(record)
+    if len(texts) < 2 or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError("expected at least two non-empty string choices")
+    if len(texts) > len(LETTERS) or len(labels) != len(texts):
+        raise ValueError(f"expected 2 to {len(LETTERS)} choices, each with one label")
+    key = record.get("answer", record.get("answerKey"))
+    if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(texts):
+        return record["question"], texts, key
+    if isinstance(key, str) and key.strip() in labels:
+        return record["question"], texts, labels.index(key.strip())
+    raise ValueError(f"'answer' must be one of the labels {labels} or an index below {len(texts)}, got {key!r}")
+
+
+def exact_item(record):
+    """(messages to answer, reference text); ValueError says what is wrong."""
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not (isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) for t in turns)
+                and turns[-1].get("role") == "assistant" and turns[-2].get("role") == "user"):
+            raise ValueError("'conversations' must end with a user turn and the reference assistant turn")
+        reference = record.get("answer", turns[-1].get("content"))
+        messages = turns[:-1]
+    else:
+        if not isinstance(record.get("question"), str):
+            raise ValueError("expected a 'question' and an 'answer', or 'conversations'")
+        reference, messages = record.get("answer"), [{"role": "user", "content": record["question"]}]
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        reference = str(reference)
+    if not isinstance(reference, str) or not reference.strip():
+        raise ValueError("missing or empty reference answer")
+    return messages, reference
+
+
+def items(path, parse, max_samples=None):
+    """[(line_no, parsed item)] with parse(record); a bad record raises DataError naming path:line."""
+    parsed = []
+    for line_no, record in read_records(path, max_samples):
+        try:
+            parsed.append((line_no, parse(record)))
+        except ValueError as e:
+            raise DataError(f"{path}:{line_no}: {e}") from e
+    return parsed
+
+
+# --------------------------------------------------------------------------------------------------------- prompts
+
+def question_ids(tokenizer, messages, template):
+    """Prompt ids: the ChatML generation prompt ("chat"), or "Question: …\\nAnswer:" after a document boundary."""
+    if template == "chat":
+        return encode_prompt(tokenizer, messages)
+    return encode_raw(tokenizer, f"Question: {messages[-1]['content']}\nAnswer:")
+
+
+def choice_ids(tokenizer, text, template):
+    """A choice's ids, tokenized on its own so every choice shares the exact question ids before it."""
+    return tokenizer.encode(text if template == "chat" else " " + text, add_special_tokens=False)
+
+
+# ------------------------------------------------------------------------------------------------ multiple choice
+
+@torch.no_grad()
+def continuation_logprobs(model, pairs, batch_size=16):
+    """Σ log P(continuation | context) for each (context ids, continuation ids) pair, batch_size pairs per forward.
+
+    A context too long for the model loses its oldest tokens; the continuation is always scored whole."""
+    device, context = model.embed_tokens.weight.device, model.config.max_seq_len
+    scores = []
+    for start in range(0, len(pairs), batch_size):
+        rows = []
+        for ctx, cont in pairs[start:start + batch_size]:
+            if len(cont) > context:
+                raise ValueError(f"a choice of {len(cont)} tokens does not fit in max_seq_len {context}")
+            ids = (list(ctx) + list(cont))[-(context + 1):]
+            rows.append((ids, len(cont)))
+        length = max(len(ids) for ids, _ in rows) - 1
+        inputs = torch.zeros(len(rows), length, dtype=torch.long)
+        targets = torch.full((len(rows), length), -100, dtype=torch.long)
+        for r, (ids, n_cont) in enumerate(rows):  # right padding; only the continuation's tokens are targets
+            inputs[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+            targets[r, len(ids) - 1 - n_cont:len(ids) - 1] = torch.tensor(ids[-n_cont:])
+        logits = model(inputs.to(device)).logits.float()
+        nll = F.cross_entropy(logits.transpose(1, 2), targets.to(device), ignore_index=-100, reduction="none")
+        scores += (-nll.sum(dim=1)).tolist()
+    return scores
+
+
+def evaluate_choice(model, tokenizer, path, template="chat", batch_size=16, max_samples=None, predictions=None):
+    """accuracy (highest summed log-likelihood) and accuracy_norm (highest per character) over a choice file."""
+    parsed = items(path, choice_item, max_samples)
+    pairs = []
+    for _, (question, texts, _) in parsed:
+        context = question_ids(tokenizer, [{"role": "user", "content": question}], template)
+        pairs += [(context, choice_ids(tokenizer, text, template)) for text in texts]
+    scores = iter(continuation_logprobs(model, pairs, batch_size))
+    correct = correct_norm = 0
+    for line_no, (_, texts, answer) in parsed:
+        sums = [next(scores) for _ in texts]
+        pred = max(range(len(texts)), key=lambda i: sums[i])
+        pred_norm = max(range(len(texts)), key=lambda i: sums[i] / len(texts[i]))
+        correct, correct_norm = correct + (pred == answer), correct_norm + (pred_norm == answer)
+        if predictions is not None:
+            predictions.append({"file": path, "line": line_no, "answer": answer, "prediction": pred,
+                                "prediction_norm": pred_norm, "logprobs": sums})
+    n = len(parsed)
+    return {"file": path, "kind": "choice", "items": n, "accuracy": correct / max(n, 1),
+            "accuracy_norm": correct_norm / max(n, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------- exact match
+
+def extract_answer(text):
+    """The answer in a reply or reference: <answer> content, else after "####", else the last number, else the
+    reply without its <think> part."""
+    tagged = ANSWER_TAG.findall(text)
+    if tagged:
+        return tagged[-1]
+    if "####" in text:
+        return text.rsplit("####", 1)[1]
+    numbers = NUMBER.findall(text)
+    return numbers[-1] if numbers else split_reasoning(text)[1]
+
+
+def normalize_answer(text):
+    """Comparable form: NFKC (full-width → ASCII), lowercase, single spaces, no thousands commas, "$", "%" or final
+    punctuation; a number loses trailing decimal zeros ("18.50" → "18.5", "18.0" → "18")."""
+    text = unicodedata.normalize("NFKC", text).lower().replace(",", "")
+    text = " ".join(text.split()).strip()
+    text = text.removeprefix("$").removesuffix("%").rstrip(".。!！").strip()
+    if re.fullmatch(r"-?\d+\.\d+", text):
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts, max_new_tokens, stops):
+    """Greedy replies (text, special tokens kept) to several prompt id lists, left-padded into one batch."""
+    pad_id = tokenizer.pad_token_id
+    length = max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - length)
+    if max_new_tokens < 1:
+        raise ValueError(f"a prompt of {length} tokens leaves no room to answer in max_seq_len "
+                         f"{model.config.max_seq_len}")
+    ids = torch.tensor([[pad_id] * (length - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    device = model.embed_tokens.weight.device
+    out = model.generate(ids.to(device), max_new_tokens, attention_mask=mask.to(device), temperature=0.0,
+                         stop_ids=stops, pad_id=pad_id)
+    replies = []
+    for row in out.tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        replies.append(tokenizer.decode(row[:end], skip_special_tokens=False))
+    return replies
+
+
+def evaluate_exact(model, tokenizer, path, template="chat", batch_size=16, max_samples=None, max_new_tokens=256,
+                   predictions=None):
+    """Exact-match accuracy of greedy answers over a question/answer file."""
+    parsed = items(path, exact_item, max_samples)
+    prompts = [question_ids(tokenizer, messages, template) for _, (messages, _) in parsed]
+    order = sorted(range(len(parsed)), key=lambda i: len(prompts[i]))  # similar lengths batch with little padding
+    replies = [""] * len(parsed)
+    stops = stop_ids(tokenizer, raw=template == "raw")
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        for i, reply in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens,
+                                                  stops)):
+            replies[i] = reply
+    correct = 0
+    for (line_no, (_, reference)), reply in zip(parsed, replies):
+        expected, got = normalize_answer(extract_answer(reference)), normalize_answer(extract_answer(reply))
+        correct += expected == got
+        if predictions is not None:
+            predictions.append({"file": path, "line": line_no, "reference": expected, "prediction": got,
+                                "reply": reply, "correct": expected == got})
+    n = len(parsed)
+    return {"file": path, "kind": "exact", "items": n, "accuracy": correct / max(n, 1)}
+
+
+def evaluate_file(model, tokenizer, path, kind="auto", template="chat", batch_size=16, max_samples=None,
+                  max_new_tokens=256, predictions=None):
+    """Metrics of one benchmark file; kind "auto" reads it off the first record. predictions (a list) collects one
+    dict per item."""
+    if kind == "auto":
+        first = next(read_records(path), None)
+        if first is None:
+            raise DataError(f"{path}: no records")
+        kind = task_kind(first[1])
+    if kind == "choice":
+        return evaluate_choice(model, tokenizer, path, template, batch_size, max_samples, predictions)
+    return evaluate_exact(model, tokenizer, path, template, batch_size, max_samples, max_new_tokens, predictions)
+
+
+# -------------------------------------------------------------------------------------------------------- the CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data_path", nargs="+", required=True, help="benchmark JSONL file(s)")
+    a("--model_mode", type=int, choices=sorted(MODES), default=None,
+      help="evaluate save_dir/{stage}_final.pth: " + ", ".join(f"{k} {v}" for k, v in MODES.items()) + " (default 1)")
+    a("--save_dir", default="results")
+    a("--model_path", default=None, help="evaluate this checkpoint instead of the --model_mode one")
+    a("--kind", choices=["auto", "choice", "exact"], default="auto", help="task kind (auto: by the first record)")
+    a("--template", choices=["auto", "chat", "raw"], default="auto",
+      help="prompt format (auto: raw for a pretrained model, chat otherwise)")
+    a("--batch_size", type=int, default=16, help="sequences per forward pass / prompts per generation batch")
+    a("--max_samples", type=int, default=None, help="evaluate only the first N items of each file")
+    a("--max_new_tokens", type=int, default=256, help="exact-match answer length cap")
+    a("--output_file", default=None, help="write all metrics here as JSON")
+    a("--predictions_file", default=None, help="write one JSON line per item (what the model picked or said)")
+    a("--tokenizer_path", default=os.path.join(ROOT, "tokenizer"))
+    a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    return p.parse_args(argv)
+
+
+def write_json(path, obj, lines=False):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        if lines:
+            f.writelines(json.dumps(o, ensure_ascii=False) + "\n" for o in obj)
+        else:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    path = checkpoint_path(args)
+    device = inference_device(args.device)
+    model, meta = load_for_inference(path, device, inference_dtype(args.dtype, device))
+    check_tokenizer(meta, args.tokenizer_path, path)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+    pretrained = args.model_mode == 0 if args.model_mode is not None else meta.get("stage") == "pretrain"
+    template = ("raw" if pretrained else "chat") if args.template == "auto" else args.template
+    results, predictions = [], [] if args.predictions_file else None
+    for data_path in args.data_path:
+        try:
+            metrics = evaluate_file(model, tokenizer, data_path, args.kind, template, args.batch_size,
+                                    args.max_samples, args.max_new_tokens, predictions)
+        except (DataError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+        results.append(metrics)
+        norm = f", accuracy_norm {metrics['accuracy_norm']:.4f}" if "accuracy_norm" in metrics else ""
+        print(f"{data_path} ({metrics['kind']}, {metrics['items']} items): accuracy {metrics['accuracy']:.4f}{norm}")
+    if args.output_file:
+        write_json(args.output_file, {"model": path, "template": template, "results": results})
+    if args.predictions_file:
+        write_json(args.predictions_file, predictions, lines=True)
+
+
+if __name__ == "__main__":
+    main()

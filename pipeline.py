@@ -1,0 +1,214 @@
+"""The whole pipeline in one command: data → pretrain → SFT → reasoning distillation → DPO → evaluation, ending in
+a scoreboard that shows what each stage changed.
+
+    python pipeline.py                                  # built-in demo corpus, tiny model, ~10 min on 2 CPU cores
+    python pipeline.py --data_dir data/real --preset small --out_dir runs/small      # your own data, a real size
+
+--data_dir holds pretrain.jsonl, sft.jsonl, reasoning.jsonl, dpo.jsonl and, optionally, the held-out files
+pretrain_eval.jsonl, sft_eval.jsonl, reasoning_eval.jsonl, dpo_eval.jsonl (the layout demo_data.py writes). Task
+metrics (answer accuracy, reasoning accuracy) need the demo corpus' eval records, which carry their answers.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+import distill
+import dpo
+import pretrain
+import SFT
+import train_utils as tu
+from dataset import DPODataset, PretrainDataset, SFTDataset, collate_dpo, read_jsonl
+from demo_data import generate_demo, parse_reasoning, prompt_turns, score_reasoning, score_sft
+from eval_bench import generate_batch
+from eval_model import encode_prompt, stop_ids
+
+STAGES = ["pretrain", "sft", "distill", "dpo"]
+FILES = ["pretrain", "sft", "reasoning", "dpo"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=None, help="your data (default: generate the demo corpus)")
+    p.add_argument("--demo_scale", type=float, default=1.0, help="size of the generated demo corpus")
+    p.add_argument("--out_dir", default="results/pipeline", help="data, checkpoints and the scoreboard go here")
+    p.add_argument("--preset", default="tiny", help="model size for pretraining (see Config.py)")
+    p.add_argument("--tokenizer_path", default=os.path.join(tu.ROOT, "tokenizer"))
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--pretrain_epochs", type=int, default=2)
+    p.add_argument("--sft_epochs", type=int, default=2)
+    p.add_argument("--distill_epochs", type=int, default=3)
+    p.add_argument("--dpo_epochs", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--eval_items", type=int, default=200, help="held-out questions answered per stage")
+    return p.parse_args(argv)
+
+
+def data_files(args):
+    """{name: path} of the training and (when present) held-out files."""
+    if args.data_dir is None:
+        return generate_demo(os.path.join(args.out_dir, "data"), seed=0, scale=args.demo_scale)
+    paths = {}
+    for name in FILES:
+        for suffix in ("", "_eval"):
+            path = os.path.join(args.data_dir, f"{name}{suffix}.jsonl")
+            if os.path.isfile(path):
+                paths[name + suffix] = path
+            elif not suffix:
+                raise SystemExit(f"{path} is missing: --data_dir needs {', '.join(f + '.jsonl' for f in FILES)}")
+    return paths
+
+
+def stage_commands(args, files):
+    """Each stage's arguments: the previous stage's final weights in, the held-out file for validation."""
+    save = ["--save_dir", os.path.join(args.out_dir, "checkpoints"), "--tokenizer_path", args.tokenizer_path,
+            "--seed", str(args.seed), "--batch_size", str(args.batch_size), "--log_interval", "50",
+            "--save_step", "1000000", *(["--device", args.device] if args.device else [])]
+    ckpt = os.path.join(args.out_dir, "checkpoints")
+
+    def held_out(name):
+        return ["--eval_data", files[name + "_eval"], "--eval_interval", "1000000"] if name + "_eval" in files else []
+
+    return {
+        "pretrain": (pretrain.main, ["--data_path", files["pretrain"], "--preset", args.preset, "--learning_rate",
+                                     "3e-3", "--epochs", str(args.pretrain_epochs), *held_out("pretrain"), *save]),
+        "sft": (SFT.main, ["--data_path", files["sft"], "--pretrained_path", f"{ckpt}/pretrain_final.pth",
+                           "--learning_rate", "1e-3", "--epochs", str(args.sft_epochs), *held_out("sft"), *save]),
+        "distill": (distill.main, ["--data_path", files["reasoning"], "--sft_path", f"{ckpt}/sft_final.pth",
+                                   "--learning_rate", "1e-3", "--epochs", str(args.distill_epochs),
+                                   "--special_token_weight", "5", *held_out("reasoning"), *save]),
+        "dpo": (dpo.main, ["--data_path", files["dpo"], "--sft_path", f"{ckpt}/distill_final.pth",
+                           "--learning_rate", "2e-4", "--beta", "0.1", "--epochs", str(args.dpo_epochs),
+                           *held_out("dpo"), *save]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+def unigram_perplexity(train_tokens, eval_tokens, vocab_size):
+    """Perplexity of the eval tokens under the training tokens' unigram distribution (add-one smoothed): the
+    score of a model that learned word frequencies and nothing else."""
+    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(math.exp(-logp[np.asarray(eval_tokens, dtype=np.int64)].mean()))
+
+
+def heldout_perplexity(model, data, rt, batch_size, chat):
+    """Token-weighted perplexity over every held-out window (text) or assistant token (chat)."""
+    args = argparse.Namespace(batch_size=batch_size, eval_batches=len(data))
+    batches = tu.chat_eval_batches(data, args, rt) if chat else (
+        (*pretrain.collate_windows(data, idx), None) for idx in tu.eval_indices(len(data), batch_size, rt, len(data)))
+    return tu.evaluate(model, batches, rt)["val_ppl"]
+
+
+@torch.no_grad()
+def answer(model, tokenizer, conversations, max_new_tokens=64, batch_size=32):
+    """Greedy replies to a list of conversations (special tokens kept in the text)."""
+    stops, replies = stop_ids(tokenizer, raw=False), []
+    for start in range(0, len(conversations), batch_size):
+        prompts = [encode_prompt(tokenizer, c) for c in conversations[start:start + batch_size]]
+        replies += generate_batch(model, tokenizer, prompts, max_new_tokens, stops)
+    return replies
+
+
+@torch.no_grad()
+def preference_accuracy(model, data, rt, batch_size):
+    """Share of held-out pairs where the model gives the chosen reply a higher log-probability than the rejected."""
+    model.eval()
+    wins = 0
+    for start in range(0, len(data), batch_size):
+        indices = range(start, min(start + batch_size, len(data)))
+        logps, _ = dpo.pair_logps(model, collate_dpo([data[i] for i in indices], data.pad_id), rt.device)
+        wins += int((logps[:, 0] > logps[:, 1]).sum())
+    return wins / len(data)
+
+
+def eval_records(path, limit):
+    return [r for _, r in read_jsonl(path, "chat")][:limit]
+
+
+def scoreboard(args, files, rt):
+    """One row per stage: held-out perplexities and the task metrics each stage targets."""
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+    ckpt = os.path.join(args.out_dir, "checkpoints")
+    max_len = tu.read_weights(f"{ckpt}/pretrain_final.pth")[0].max_seq_len
+    load = {"pretrain": PretrainDataset, "sft": SFTDataset, "reasoning": SFTDataset, "dpo": DPODataset}
+    held = {name: load[name](files[name + "_eval"], args.tokenizer_path, max_len)
+            for name in FILES if name + "_eval" in files}
+    sft_items = eval_records(files["sft_eval"], args.eval_items) if "sft_eval" in files else []
+    reasoning_items = eval_records(files["reasoning_eval"], args.eval_items) if "reasoning_eval" in files else []
+    rows = []
+    for stage in STAGES:
+        model, _ = tu.load_model(f"{ckpt}/{stage}_final.pth", rt.device)
+        model.eval()
+        row = {"stage": stage}
+        if "pretrain" in held:
+            row["text_ppl"] = heldout_perplexity(model, held["pretrain"], rt, args.batch_size, chat=False)
+        if "sft" in held:
+            row["chat_ppl"] = heldout_perplexity(model, held["sft"], rt, args.batch_size, chat=True)
+        if sft_items and "answer" in sft_items[0]:
+            replies = answer(model, tokenizer, [prompt_turns(r) for r in sft_items])
+            row["sft_acc"] = float(np.mean([score_sft(r, a) for r, a in zip(sft_items, replies)]))
+        if reasoning_items and "answer" in reasoning_items[0]:
+            replies = answer(model, tokenizer, [prompt_turns(r) for r in reasoning_items], max_new_tokens=96)
+            row["think_format"] = float(np.mean([parse_reasoning(a) is not None for a in replies]))
+            row["reasoning_acc"] = float(np.mean([score_reasoning(r, a) for r, a in zip(reasoning_items, replies)]))
+        if "dpo" in held:
+            row["pref_acc"] = preference_accuracy(model, held["dpo"], rt, args.batch_size)
+        rows.append(row)
+    if "pretrain" in held:
+        train = PretrainDataset(files["pretrain"], args.tokenizer_path, max_len).arrays()["tokens"]
+        eval_tokens = held["pretrain"].arrays()["tokens"]
+        rows.insert(0, {"stage": "unigram", "text_ppl": unigram_perplexity(train, eval_tokens, len(tokenizer))})
+    return rows
+
+
+COLUMNS = [("text_ppl", "held-out text ppl", "{:.2f}"), ("chat_ppl", "held-out answer ppl", "{:.2f}"),
+           ("sft_acc", "answer acc", "{:.1%}"), ("think_format", "<think> format", "{:.1%}"),
+           ("reasoning_acc", "reasoning acc", "{:.1%}"), ("pref_acc", "prefers chosen", "{:.1%}")]
+
+
+def format_scoreboard(rows):
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| stage | " + " | ".join(title for _, title, _ in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = [fmt.format(r[key]) if key in r else "" for key, _, fmt in cols]
+        lines.append(f"| {r['stage']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    files = data_files(args)
+    timings = {}
+    for stage, (run, argv_stage) in stage_commands(args, files).items():
+        print(f"\n=== {stage} ===", flush=True)
+        t0 = time.perf_counter()
+        run(argv_stage)
+        timings[stage] = time.perf_counter() - t0
+    print("\n=== evaluation ===", flush=True)
+    t0 = time.perf_counter()
+    rt = tu.Runtime(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), "float32")
+    rows = scoreboard(args, files, rt)
+    timings["evaluation"] = time.perf_counter() - t0
+    table = format_scoreboard(rows)
+    total = time.perf_counter() - started
+    summary = "stage minutes: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items())
+    print(f"\n{table}\n\n{summary}; total {total / 60:.1f} min")
+    with open(os.path.join(args.out_dir, "scoreboard.json"), "w") as f:
+        json.dump({"rows": rows, "seconds": timings, "total_seconds": total}, f, indent=1)
+    with open(os.path.join(args.out_dir, "scoreboard.md"), "w") as f:
+        f.write(table + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""demo_data: deterministic files in the pipeline's formats, held-out evals, and scorers that can fail."""
+import json
+import re
+
+import pytest
+
+import demo_data
+from dataset import record_problem
+from demo_data import (ATTRIBUTES, PEOPLE, TABLES, TOWNS, generate_demo, parse_reasoning, prompt_turns,
+                       score_reasoning, score_sft)
+
+SCALE = 0.1  # ~10x smaller than the default files; every code path still runs
+REASONING = re.compile(r"<think>[^<]+</think><answer>-?\d+</answer>")
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return generate_demo(str(out), seed=0, scale=SCALE)
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_chat_texts(demo):
+    """Every string a model trains on: pretraining text and every turn of every training conversation."""
+    texts = [r["text"] for r in read(demo["pretrain"])]
+    for name in ("sft", "reasoning"):
+        texts += [t["content"] for r in read(demo[name]) for t in r["conversations"]]
+    texts += [t["content"] for r in read(demo["dpo"]) for side in ("chosen", "rejected") for t in r[side]]
+    return texts
+
+
+def test_writes_every_file_with_records(demo):
+    assert set(demo) == {"pretrain", "pretrain_eval", "sft", "sft_eval", "reasoning", "reasoning_eval", "dpo",
+                         "dpo_eval"}
+    for name, path in demo.items():
+        assert path.endswith(f"{name}.jsonl")
+        assert len(read(path)) > 0, name
+
+
+def test_same_seed_same_bytes_other_seed_differs(demo, tmp_path):
+    again = generate_demo(str(tmp_path / "again"), seed=0, scale=SCALE)
+    other = generate_demo(str(tmp_path / "other"), seed=1, scale=SCALE)
+    for name in demo:
+        first = open(demo[name], "rb").read()
+        assert open(again[name], "rb").read() == first, name
+        assert open(other[name], "rb").read() != first, name
+
+
+@pytest.mark.parametrize("name,kind", [("pretrain", "pretrain"), ("pretrain_eval", "pretrain"), ("sft", "chat"),
+                                       ("sft_eval", "chat"), ("reasoning", "chat"), ("reasoning_eval", "chat"),
+                                       ("dpo", "dpo"), ("dpo_eval", "dpo")])
+def test_records_are_valid_for_the_pipeline(demo, name, kind):
+    for record in read(demo[name]):
+        assert record_problem(record, kind) is None, record
+
+
+def test_conversations_end_with_assistant_and_use_known_roles(demo):
+    for name in ("sft", "sft_eval", "reasoning", "reasoning_eval"):
+        for record in read(demo[name]):
+            roles = [t["role"] for t in record["conversations"]]
+            assert roles[-1] == "assistant" and set(roles) <= {"system", "user", "assistant"}
+            assert "system" not in roles[1:]
+    sft = [[t["role"] for t in r["conversations"]] for r in read(demo["sft"])]
+    assert any(roles[0] == "system" for roles in sft), "some SFT conversations have a system prompt"
+    assert any(roles.count("assistant") > 1 for roles in sft), "some SFT conversations are multi-turn"
+
+
+def test_reasoning_answers_are_think_then_answer(demo):
+    for name in ("reasoning", "reasoning_eval"):
+        for record in read(demo[name]):
+            assert REASONING.fullmatch(record["conversations"][-1]["content"]), record
+
+
+def test_arithmetic_in_the_data_is_right(demo):
+    """Every "a op b = c", every counting run and every reasoning answer in every file is correct."""
+    text = "".join(open(path, encoding="utf-8").read() for path in demo.values())
+    sums = re.findall(r"(\d+) ([-+×]) (\d+) = (\d+)", text)
+    assert len(sums) > 100
+    for a, op, b, c in sums:
+        assert {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b)}[op] == int(c), (a, op, b, c)
+    counts = re.findall(r"Count (up|down) (\d+) from (\d+): ([^.]*)\.", text)
+    counts += re.findall(r"从(\d+)往([上下])数(\d+)个：([^。]*)。", text)
+    assert len(counts) > 100
+    for count in counts:
+        if count[0] in ("up", "down"):
+            way, k, x, seq = count
+        else:
+            x, way, k, seq = count
+        step = 1 if way in ("up", "上") else -1
+        expected = ", ".join(f"({i}) {int(x) + step * i}" for i in range(1, int(k) + 1))
+        assert seq == expected, count
+    for name in ("reasoning", "reasoning_eval"):
+        for record in read(demo[name]):
+            think, answer = parse_reasoning(record["conversations"][-1]["content"])
+            assert re.findall(r"= (\d+)", think)[-1] == answer
+
+
+def test_dpo_pairs_share_the_prompt_and_differ_at_the_end(demo):
+    for name in ("dpo", "dpo_eval"):
+        for record in read(demo[name]):
+            chosen, rejected = record["chosen"], record["rejected"]
+            assert chosen[:-1] == rejected[:-1] and chosen[-1]["role"] == rejected[-1]["role"] == "assistant"
+            assert chosen[-1]["content"] != rejected[-1]["content"]
+    kinds = {r["kind"] for r in read(demo["dpo_eval"])}
+    assert {"wrong_fact", "rude", "reasoning"} <= kinds
+
+
+def test_both_languages_in_every_file(demo):
+    for name, path in demo.items():
+        text = open(path, encoding="utf-8").read()
+        assert CJK.search(text), f"{name} has no Chinese"
+        assert re.search(r"\b(the|is|has|does)\b", text), f"{name} has no English"
+
+
+def test_eval_items_never_appear_in_training_files(demo):
+    train_docs = {r["text"] for r in read(demo["pretrain"])}
+    assert not train_docs & {r["text"] for r in read(demo["pretrain_eval"])}
+    train_texts = train_chat_texts(demo)
+    questions = {r["conversations"][-2]["content"] for name in ("sft_eval", "reasoning_eval")
+                 for r in read(demo[name])}
+    questions |= {r["chosen"][-2]["content"] for r in read(demo["dpo_eval"])}
+    corpus = "\n".join(train_texts)
+    leaked = [q for q in questions if q in corpus]
+    assert not leaked, leaked[:5]
+
+
+def test_score_sft_accepts_references_and_rejects_wrong_facts(demo):
+    records = read(demo["sft_eval"])
+    assert {r["attribute"] for r in records} == set(ATTRIBUTES)
+    for record in records:
+        reference = record["conversations"][-1]["content"]
+        assert score_sft(record, reference), (record, reference)
+        answer = record["answer"]
+        if record["attribute"] == "age":
+            wrong = reference.replace(answer, str(int(answer) + 1))
+        else:
+            row = next(row for row in TABLES[record["attribute"]] if answer in row[:2])
+            other = next(r for r in TABLES[record["attribute"]] if r is not row)
+            wrong = reference.replace(answer, other[row.index(answer)])
+        assert not score_sft(record, wrong), wrong
+        assert not score_sft(record, "")
+        assert not score_sft(record, "I don't know.")
+
+
+def test_score_sft_rejects_listing_every_candidate():
+    record = {"answer": "Redhill", "attribute": "city"}
+    assert score_sft(record, "Anna lives in Redhill.")
+    assert score_sft(record, "anna lives in redhill")
+    assert not score_sft(record, "Anna lives in Redhill or Stonebridge.")
+    assert not score_sft({"answer": "red", "attribute": "color"}, "Anna lives in Redhill.")  # whole words only
+    assert score_sft({"answer": "红色", "attribute": "color", "lang": "zh"}, "安娜最喜欢红色。")
+    assert not score_sft({"answer": "红色", "attribute": "color", "lang": "zh"}, "安娜最喜欢蓝色。")
+
+
+def test_scoring_values_do_not_overlap():
+    """No value matches inside another value of its attribute or inside a name, so scoring is unambiguous."""
+    names = [n for en, zh, _ in PEOPLE for n in (en, zh)] + [n for row in TOWNS for n in row]
+    for attr, table in TABLES.items():
+        values = [v for row in table for v in row[:2]]
+        assert len(set(values)) == len(values), attr
+        for v in values:
+            assert not any(v != w and demo_data._contains(w, v) for w in values), (attr, v)
+            if attr != "city":
+                assert not any(demo_data._contains(n, v) for n in names), (attr, v)
+
+
+def test_parse_and_score_reasoning(demo):
+    records = read(demo["reasoning_eval"])
+    for record in records:
+        reference = record["conversations"][-1]["content"]
+        assert parse_reasoning(reference) is not None
+        assert score_reasoning(record, reference)
+        assert score_reasoning(record, reference + "<|im_end|>")
+        wrong = re.sub(r"<answer>-?\d+</answer>", f"<answer>{int(record['answer']) + 1}</answer>", reference)
+        assert not score_reasoning(record, wrong)
+        assert not score_reasoning(record, f"<answer>{record['answer']}</answer>")  # no think
+        assert not score_reasoning(record, record["answer"])  # no tags at all
+        assert not score_reasoning(record, "Sure! " + reference)  # text outside the tags
+    assert parse_reasoning("<think>2 + 2 = 4.</think><answer>4</answer>") == ("2 + 2 = 4.", "4")
+    assert parse_reasoning("<think></think><answer>4</answer>") is None
+    assert parse_reasoning("<think>a<think>b</think><answer>4</answer>") is None
+    assert parse_reasoning("<think>a</think>") is None
+
+
+def test_prompt_turns_drop_only_the_reference(demo):
+    record = read(demo["sft_eval"])[0]
+    assert prompt_turns(record) == record["conversations"][:-1]
+    assert prompt_turns(record)[-1]["role"] == "user"
+
+
+def test_default_sizes_and_speed(tmp_path):
+    """The defaults give ~1-3 MB of pretraining text and a few thousand conversations, in a few seconds."""
+    import time
+    start = time.perf_counter()
+    paths = generate_demo(str(tmp_path), seed=0)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 15, elapsed
+    import os
+    assert 1e6 < os.path.getsize(paths["pretrain"]) < 3e6
+    counts = {name: len(read(path)) for name, path in paths.items()}
+    assert counts["sft"] >= 2000 and 1000 <= counts["reasoning"] <= 2000 and counts["dpo"] >= 1000
+    assert all(counts[n] >= 200 for n in ("pretrain_eval", "sft_eval", "reasoning_eval", "dpo_eval"))
+
+
+def test_cli_prints_counts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["demo_data.py", "--out_dir", str(tmp_path), "--scale", "0.02"])
+    demo_data.main()
+    out = capsys.readouterr().out
+    assert "sft.jsonl" in out and "records" in out and "MB" in out
+    assert (tmp_path / "dpo_eval.jsonl").exists()
