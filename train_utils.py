@@ -110,7 +110,7 @@ def setup_runtime(args):
     device = args.device or ("cuda" if cuda else "cpu")
     if device.startswith("cuda") and not cuda:
         raise SystemExit(f"--device {device} was asked for but CUDA is not available; use --device cpu")
-    if device == "cuda" and world_size > 1:
+    if device == "cuda":
         device = f"cuda:{local_rank}"  # one GPU per process, never all on cuda:0
     dtype = args.dtype or ("float32" if device == "cpu" else
                            "bfloat16" if torch.cuda.is_bf16_supported() else "float16")

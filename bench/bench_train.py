@@ -40,9 +40,12 @@ def run(args, data_path, workdir, compile_):
             "--log_interval", "1000000", "--cache_dir", os.path.join(workdir, "cache"), "--compile", str(compile_)]
     argv += ["--device", args.device] if args.device else []
     argv += ["--dtype", args.dtype] if args.dtype else []
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     pretrain.main(argv)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     ckpt = torch.load(os.path.join(save_dir, "latest_checkpoint.pth"), map_location="cpu", weights_only=True)
-    return [r["tokens_per_s"] for r in ckpt["history"]["train"][args.warmup:]]
+    return [r["tokens_per_s"] for r in ckpt["history"]["train"][args.warmup:]], memory
 
 
 def main():
@@ -68,12 +71,13 @@ def main():
     print(f"\n{args.preset} preset ({describe(config)}), batch {args.batch_size} × {config.max_seq_len}, "
           f"{data_name}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"peak: {peak / 1e9:,.1f} GFLOP/s ({'measured fp32 matmul' if device.type == 'cpu' else 'bf16 spec'})")
-    print(f"| mode | tokens/s (median of {args.steps}) | MFU |")
-    print("|---|---:|---:|")
+    print(f"| mode | tokens/s (median of {args.steps}) | MFU | peak GPU memory |")
+    print("|---|---:|---:|---:|")
     medians = {}
-    for mode, tps in results.items():
+    for mode, (tps, memory) in results.items():
         medians[mode] = statistics.median(tps)
-        print(f"| {mode} | {medians[mode]:,.0f} | {100 * flops * medians[mode] / peak:.1f}% |")
+        gib = f"{memory:.1f} GiB" if memory is not None else "-"
+        print(f"| {mode} | {medians[mode]:,.0f} | {100 * flops * medians[mode] / peak:.1f}% | {gib} |")
     if len(medians) == 2:
         print(f"compiled / eager: {medians['compiled'] / medians['eager']:.2f}×")
 

@@ -120,3 +120,17 @@ def test_flops_per_token_follows_the_guide():
     config = LLMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100)
     n = config.param_counts()[1]
     assert tu.flops_per_token(config, 128) == 6 * n + 12 * 2 * 64 * 128
+
+
+def test_cuda_device_always_gets_an_index(monkeypatch):
+    """torch.cuda.set_device refuses a bare "cuda" (found on an H200); each process names its own GPU."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    rt = tu.setup_runtime(argparse.Namespace(device=None, dtype=None))
+    assert rt.device == torch.device("cuda:0") and rt.dtype == "bfloat16"
+    assert chosen == [torch.device("cuda:0")]
+    monkeypatch.setenv("LOCAL_RANK", "1")  # one process of a 2-GPU torchrun (process group not joined here)
+    assert tu.setup_runtime(argparse.Namespace(device="cuda", dtype=None)).device == torch.device("cuda:1")
