@@ -42,3 +42,24 @@ def tokenizer_dir(tmp_path_factory):
 def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def trained_tiny_model(tokenizer, config, steps=60):
+    """A model of `config` after a few AdamW steps on generated text, so greedy decoding follows real preferences
+    (a random model repeats one token)."""
+    import torch
+
+    from model import Transformer
+    torch.manual_seed(0)
+    model = Transformer(config)
+    rng = random.Random(0)
+    ids = tokenizer(" ".join(sample_sentence(rng, 20) for _ in range(60)))["input_ids"]
+    data = torch.tensor(ids[: len(ids) // 65 * 65]).view(-1, 65)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        batch = data[step % len(data):][:8]
+        loss = model(batch[:, :-1], targets=batch[:, 1:]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from Config import LLMConfig, PRESETS, get_config
+from Config import PRESETS, LLMConfig, get_config
 from model import Transformer
 
 

@@ -11,9 +11,21 @@ import torch
 from conftest import sample_sentence, write_jsonl
 
 import dataset
-from dataset import (DataError, DPODataset, LengthBucketBatches, PretrainDataset, SFTDataset, collate_dpo,
-                     collate_sft, encode_chat, pad_fraction, prepare_pretrain_tokens, read_jsonl, render_chat,
-                     truncate_chat)
+from dataset import (
+    DataError,
+    DPODataset,
+    LengthBucketBatches,
+    PretrainDataset,
+    SFTDataset,
+    collate_dpo,
+    collate_sft,
+    encode_chat,
+    pad_fraction,
+    prepare_pretrain_tokens,
+    read_jsonl,
+    render_chat,
+    truncate_chat,
+)
 
 
 def user(text):

@@ -6,8 +6,17 @@ import pytest
 
 import demo_data
 from dataset import record_problem
-from demo_data import (ATTRIBUTES, PEOPLE, TABLES, TOWNS, generate_demo, parse_reasoning, prompt_turns,
-                       score_reasoning, score_sft)
+from demo_data import (
+    ATTRIBUTES,
+    PEOPLE,
+    TABLES,
+    TOWNS,
+    generate_demo,
+    parse_reasoning,
+    prompt_turns,
+    score_reasoning,
+    score_sft,
+)
 
 SCALE = 0.1  # ~10x smaller than the default files; every code path still runs
 REASONING = re.compile(r"<think>[^<]+</think><answer>-?\d+</answer>")

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, sample_sentence, write_jsonl
 
 import eval_bench
 import eval_model
 import eval_ppl
 from Config import LLMConfig
-from conftest import ROOT, sample_sentence, write_jsonl
 from dataset import DataError, encode_chat
 from lora import apply_lora, merge_lora, save_lora
 from model import Transformer

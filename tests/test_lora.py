@@ -7,8 +7,18 @@ import torch
 import torch.nn as nn
 
 from Config import LLMConfig
-from lora import (TARGETS, LoRALinear, apply_lora, count_parameters, load_lora, lora_config, lora_state_dict,
-                  lora_summary, merge_lora, save_lora)
+from lora import (
+    TARGETS,
+    LoRALinear,
+    apply_lora,
+    count_parameters,
+    load_lora,
+    lora_config,
+    lora_state_dict,
+    lora_summary,
+    merge_lora,
+    save_lora,
+)
 from model import Transformer
 from train_utils import build_optimizer, load_state_strict
 

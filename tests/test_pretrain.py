@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, sample_sentence, write_jsonl
 
 import pretrain
-from conftest import ROOT, sample_sentence, write_jsonl
 from train_utils import load_model, lr_at
 
 SMALL = ["--preset", "tiny", "--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1",

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import distill
 import dpo
 import pretrain
 import SFT
-from conftest import ROOT
 from dataset import encode_chat
 from demo_data import generate_demo
 from model import Transformer

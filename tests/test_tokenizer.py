@@ -8,11 +8,20 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, sample_sentence, write_jsonl
 from transformers import AutoTokenizer
 
-from conftest import ROOT, sample_sentence, write_jsonl
-from train_tokenizer import (CHAT_TEMPLATE, REASONING_TAGS, SPECIAL_TOKENS, SPLIT_PATTERN, DataError,
-                             build_tokenizer, bytes_per_token, iter_texts, main)
+from train_tokenizer import (
+    CHAT_TEMPLATE,
+    REASONING_TAGS,
+    SPECIAL_TOKENS,
+    SPLIT_PATTERN,
+    DataError,
+    build_tokenizer,
+    bytes_per_token,
+    iter_texts,
+    main,
+)
 
 SHIPPED = os.path.join(ROOT, "tokenizer")
 MIXED = ("Hello, 世界! The model 学习 reads 🐱🐶 and writes.\n\n  Tabs\tand  spaces   數學 café naïve ½ 😀👍🏽 "

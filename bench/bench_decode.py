@@ -1,0 +1,146 @@
+"""Prefill and decode speed of our KV-cache generation against transformers' LlamaForCausalLM.generate, side by side.
+
+    python bench/bench_decode.py --preset small --batch_sizes 1 8 --prompt_len 128 --new_tokens 128 --runs 5
+
+Both run greedy decoding of exactly --new_tokens tokens (EOS stopping off for both) from the same random prompt, on
+the same weights: the model (random init, or --model_path) is exported with export_hf.py and loaded back with
+`AutoModelForCausalLM.from_pretrained`. Prefill = the first new token (prompt forward + one step); decode = every
+later token. Runs alternate ours / transformers after a warm-up run; the table shows medians and the ratio.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from Config import PRESETS, describe, get_config  # noqa: E402
+from export_hf import export_hf  # noqa: E402
+from model import Transformer  # noqa: E402
+from train_utils import load_model  # noqa: E402
+
+
+class Timing:
+    """Wall-clock time of the first new token and of the whole generation."""
+
+    def __init__(self):
+        self.start, self.first, self.tokens = time.perf_counter(), None, 0
+
+    def token(self):
+        self.tokens += 1
+        if self.first is None:
+            self.first = time.perf_counter() - self.start
+
+    def result(self, batch, prompt_len):
+        total = time.perf_counter() - self.start
+        return {"prefill": batch * prompt_len / self.first, "decode": batch * (self.tokens - 1) / (total - self.first),
+                "tokens": self.tokens}
+
+
+def run_ours(model, prompt, new_tokens):
+    timing, steps = Timing(), []
+    for nxt in model.generate_stream(prompt, new_tokens, temperature=0):
+        timing.token()
+        steps.append(nxt)
+    return timing.result(*prompt.shape), torch.stack(steps, dim=1)
+
+
+def run_hf(hf, prompt, new_tokens):
+    from transformers import GenerationConfig
+    from transformers.generation.streamers import BaseStreamer
+
+    class Streamer(BaseStreamer):  # generate() calls put() with the prompt first, then with each new token
+        def __init__(self):
+            self.calls = 0
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls > 1:
+                timing.token()
+
+        def end(self):
+            pass
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+    timing = Timing()
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config, streamer=Streamer())
+    return timing.result(*prompt.shape), out[:, prompt.shape[1]:]
+
+
+def measure(model, hf, batch, args):
+    """Median prefill/decode tokens/s of each implementation over args.runs alternating runs (after a warm-up)."""
+    prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len),
+                           generator=torch.Generator().manual_seed(batch))
+    results = {"ours": [], "transformers": []}
+    with torch.no_grad():
+        for run in range(args.runs + 1):
+            ours, our_tokens = run_ours(model, prompt, args.new_tokens)
+            theirs, their_tokens = run_hf(hf, prompt, args.new_tokens)
+            if ours["tokens"] != args.new_tokens or their_tokens.shape[1] != args.new_tokens:
+                raise RuntimeError(f"expected {args.new_tokens} new tokens, got {ours['tokens']} (ours) and "
+                                   f"{their_tokens.shape[1]} (transformers)")
+            if run > 0:  # run 0 is the warm-up
+                results["ours"].append(ours)
+                results["transformers"].append(theirs)
+    same = torch.equal(our_tokens, their_tokens)
+    medians = {name: {k: statistics.median(r[k] for r in runs) for k in ("prefill", "decode")}
+               for name, runs in results.items()}
+    return medians, same
+
+
+def build_models(args, workdir):
+    from transformers import AutoModelForCausalLM
+    if args.model_path:
+        model, _ = load_model(args.model_path)
+    else:
+        torch.manual_seed(0)
+        model = Transformer(get_config(args.preset, max_seq_len=args.prompt_len + args.new_tokens))
+    model = model.to(getattr(torch, args.dtype)).eval()
+    export_hf(model, args.tokenizer_path, workdir, args.dtype)
+    hf = AutoModelForCausalLM.from_pretrained(workdir, dtype=getattr(torch, args.dtype)).eval()
+    return model, hf
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="random-init model of this size")
+    p.add_argument("--model_path", default=None, help="benchmark a checkpoint instead of a random preset model")
+    p.add_argument("--tokenizer_path", default=os.path.join(ROOT, "tokenizer"))
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt_len", type=int, default=128)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5, help="measured runs per implementation (after one warm-up)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error("--new_tokens must be at least 2 (the first new token is counted as prefill)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as workdir:
+        model, hf = build_models(args, workdir)
+        report(model, hf, args)
+
+
+def report(model, hf, args):
+    import transformers
+    print(f"\n{args.model_path or args.preset + ' preset'} ({describe(model.config)}), {args.dtype}, prompt "
+          f"{args.prompt_len} + {args.new_tokens} new tokens, greedy, median of {args.runs} runs, cpu, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")
+    print("| batch | impl | prefill tok/s | decode tok/s | decode ours/HF | prefill ours/HF | same tokens |")
+    print("|---:|---|---:|---:|---:|---:|---|")
+    for batch in args.batch_sizes:
+        medians, same = measure(model, hf, batch, args)
+        ours, theirs = medians["ours"], medians["transformers"]
+        ratios = f"{ours['decode'] / theirs['decode']:.2f}× | {ours['prefill'] / theirs['prefill']:.2f}×"
+        print(f"| {batch} | ours | {ours['prefill']:,.0f} | {ours['decode']:,.1f} | {ratios} | {same} |")
+        print(f"| {batch} | transformers | {theirs['prefill']:,.0f} | {theirs['decode']:,.1f} | | | |")
+
+
+if __name__ == "__main__":
+    main()
