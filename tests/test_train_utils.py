@@ -134,3 +134,32 @@ def test_cuda_device_always_gets_an_index(monkeypatch):
     assert chosen == [torch.device("cuda:0")]
     monkeypatch.setenv("LOCAL_RANK", "1")  # one process of a 2-GPU torchrun (process group not joined here)
     assert tu.setup_runtime(argparse.Namespace(device="cuda", dtype=None)).device == torch.device("cuda:1")
+
+
+def logger_args(tmp_path, **kw):
+    return argparse.Namespace(**{"save_dir": str(tmp_path), "log_interval": 2, "use_wandb": False,
+                                 "use_swanlab": False, "logger": "none", "project": "tests", **kw})
+
+
+def test_logger_prints_plain_lines_off_a_terminal_and_draws_curves(tmp_path, capsys):
+    logger = tu.TrainLogger(logger_args(tmp_path), tu.Runtime(torch.device("cpu"), "float32"), "sft", 4, 0)
+    for step in range(1, 5):
+        logger.log(step, {"loss": 3.0 / step, "lr": 1e-3, "tokens_per_s": 1000.0})
+    logger.log_eval(4, {"val_loss": 1.0, "val_ppl": 2.718})
+    path = logger.close()
+    out = capsys.readouterr().out
+    assert "sft step 2/4 | loss 1.5000 | lr 1.00e-03 | 1,000 tok/s" in out and "step 1/4" not in out
+    assert "sft step 4/4 | val_loss 1.0000 | val_ppl 2.7180" in out
+    assert open(path, "rb").read(4) == b"\x89PNG" and path.endswith("sft_curves.png")
+
+
+def test_swanlab_logs_offline_without_a_login(tmp_path, monkeypatch):
+    monkeypatch.delenv("SWANLAB_API_KEY", raising=False)
+    monkeypatch.delenv("SWANLAB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no saved login
+    args = logger_args(tmp_path, use_wandb=True)
+    logger = tu.TrainLogger(args, tu.Runtime(torch.device("cpu"), "float32"), "pretrain", 2, 0)
+    logger.log(1, {"loss": 2.0, "lr": 1e-3})
+    logger.close()
+    runs = os.listdir(tmp_path / "swanlog")
+    assert any(name.startswith("run-") for name in runs)
