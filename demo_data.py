@@ -6,8 +6,8 @@ Writes pretrain / SFT / reasoning / DPO training files and a held-out eval file 
 download. The world: 20 people, each with a home town, a job, a pet, a favourite colour, a favourite food and an
 age, and 10 towns, each famous for one thing. Pretraining text states these facts in varied templates and both
 languages (profiles, town pages, short stories, quizzes) next to small arithmetic, so a `tiny` model trained for
-a few CPU minutes learns real structure. Later stages ask about the same facts with short, formulaic answers, so
-each stage has an automatic metric:
+a few CPU minutes learns real structure. Later stages ask about the same facts with short, formulaic answers, and
+the reasoning data works small word problems by counting one step at a time, so each stage has an automatic metric:
 
     score_sft(record, text)        SFT eval: does the reply state the right fact (and no other candidate)?
     score_reasoning(record, text)  reasoning eval: well-formed <think>…</think><answer>…</answer> with the right number?
@@ -16,6 +16,9 @@ each stage has an automatic metric:
 Eval records carry the reference in extra keys ("answer", "attribute", "lang"; DPO: "kind"), which the JSONL
 readers ignore. Held-out questions are chosen by a hash of their text, so no eval question appears in any training
 file. Same seed, same bytes.
+
+Train on it with the shipped tokenizer/: a BPE trained on this templated text learns whole Chinese facts ("X养了一条
+金鱼") as single tokens, which turns fact recall into a vocabulary lookup.
 """
 import argparse
 import json
@@ -253,8 +256,8 @@ def problem_numbers(kind, rng):
     if kind in ("sub", "diff"):
         b, r = rng.randint(1, 9), rng.randint(2, 9)  # at least 2 left, so "2 apples", never "1 apples"
         return b + r, b, None, r
-    a, b = rng.randint(2, 9), rng.randint(1, 9)  # add_sub
-    c = rng.randint(1, min(9, a + b - 2))
+    a, b = rng.randint(2, 9), rng.randint(1, 5)  # add_sub: b + c <= 9 counts, so the reply stays under 96 tokens
+    c = rng.randint(1, min(9 - b, a + b - 2))
     return a, b, c, a + b - c
 
 

@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer_path", default=os.path.join(tu.ROOT, "tokenizer"))
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--pretrain_epochs", type=int, default=2)
+    p.add_argument("--pretrain_epochs", type=int, default=1)
     p.add_argument("--sft_epochs", type=int, default=2)
     p.add_argument("--distill_epochs", type=int, default=3)
     p.add_argument("--dpo_epochs", type=int, default=1)
@@ -156,7 +156,7 @@ def scoreboard(args, files, rt):
             replies = answer(model, tokenizer, [prompt_turns(r) for r in sft_items])
             row["sft_acc"] = float(np.mean([score_sft(r, a) for r, a in zip(sft_items, replies)]))
         if reasoning_items and "answer" in reasoning_items[0]:
-            replies = answer(model, tokenizer, [prompt_turns(r) for r in reasoning_items], max_new_tokens=96)
+            replies = answer(model, tokenizer, [prompt_turns(r) for r in reasoning_items], max_new_tokens=128)
             row["think_format"] = float(np.mean([parse_reasoning(a) is not None for a in replies]))
             row["reasoning_acc"] = float(np.mean([score_reasoning(r, a) for r, a in zip(reasoning_items, replies)]))
         if "dpo" in held:
