@@ -11,6 +11,7 @@ the reasoning data works small word problems by counting one step at a time, so 
 
     score_sft(record, text)        SFT eval: does the reply state the right fact (and no other candidate)?
     score_reasoning(record, text)  reasoning eval: well-formed <think>…</think><answer>…</answer> with the right number?
+    is_terse(record, text)         is the reply just the bare value, the style the DPO pairs reject?
     prompt_turns(record)           the turns to feed the model (all but the final, reference assistant turn)
 
 Eval records carry the reference in extra keys ("answer", "attribute", "lang"; DPO: "kind"), which the JSONL
@@ -61,6 +62,10 @@ TABLES = {"city": TOWNS, "job": JOBS, "pet": PETS, "color": COLORS, "food": FOOD
 NUMERIC = ("age", "number")  # attributes whose answer is an integer
 LANGS = ("en", "zh")
 HELDOUT_PERCENT = 20  # share of question texts reserved for the eval files
+# Share of SFT fact replies that are the bare value ("34") instead of a sentence, as scraped answers often are.
+# The SFT model then answers tersely about as often; the DPO pairs prefer the sentence, so DPO has a style to fix
+# that SFT did not settle (the pipeline's "full answers" column).
+TERSE_SHARE = 0.35
 
 
 @dataclass(frozen=True)
@@ -468,6 +473,8 @@ class DemoGenerator:
                           {"role": "assistant", "content": fill(ANSWERS[lang][attr], p, lang,
                                                                 **fact_fields(p, attr, lang))}]
         q, ans, p, attr, _ = self.fact_question(rng, split, lang)
+        if split == "train" and rng.random() < TERSE_SHARE:
+            ans = value(p, attr, lang)
         record = {"conversations": turns + [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]}
         if split == "eval":
             record.update(answer=value(p, attr, lang), attribute=attr, lang=lang)
@@ -484,7 +491,7 @@ class DemoGenerator:
 
     def dpo_pair(self, rng, split):
         """A shared prompt with a correct, well-formed reply (chosen) and a worse one (rejected), and its kind."""
-        kind = rng.choices(["wrong_fact", "rude", "off_format", "reasoning"], [45, 20, 15, 20])[0]
+        kind = rng.choices(["wrong_fact", "rude", "off_format", "reasoning", "terse"], [35, 15, 10, 15, 25])[0]
         if kind == "reasoning":
             q, think, _, r, lang = self.word_problem(rng, split)
             chosen = f"<think>{think}</think><answer>{r}</answer>"
@@ -495,7 +502,9 @@ class DemoGenerator:
         else:
             q, chosen, p, attr, lang = self.fact_question(rng, split)
             prompt = self.system_turn(rng, lang) + [{"role": "user", "content": q}]
-            if kind == "wrong_fact":
+            if kind == "terse":
+                rejected = value(p, attr, lang)
+            elif kind == "wrong_fact":
                 fake = rng.choice([o for o in self.world.people if value(o, attr, lang) != value(p, attr, lang)])
                 rejected = fill(ANSWERS[lang][attr], p, lang, **fact_fields(fake, attr, lang))  # p with fake's value
             elif kind == "rude":
@@ -538,6 +547,11 @@ def score_sft(record, answer_text):
         return False
     others = [v for row in TABLES[attr] if answer not in row[:2] for v in row[:2]]
     return not any(_contains(answer_text, v) for v in others)
+
+
+def is_terse(record, answer_text):
+    """True when the reply is the bare answer value (the rejected side of the "terse" DPO pairs)."""
+    return answer_text.strip().rstrip("。.") == record["answer"]
 
 
 _REASONING = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)

@@ -9,6 +9,7 @@ pretrain_eval.jsonl, sft_eval.jsonl, reasoning_eval.jsonl, dpo_eval.jsonl (the l
 metrics (answer accuracy, reasoning accuracy) need the demo corpus' eval records, which carry their answers.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import pretrain
 import SFT
 import train_utils as tu
 from dataset import DPODataset, PretrainDataset, SFTDataset, collate_dpo, read_jsonl
-from demo_data import generate_demo, parse_reasoning, prompt_turns, score_reasoning, score_sft
+from demo_data import generate_demo, is_terse, parse_reasoning, prompt_turns, score_reasoning, score_sft
 from eval_bench import generate_batch
 from eval_model import encode_prompt, stop_ids
 
@@ -42,8 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--pretrain_epochs", type=int, default=1)
-    p.add_argument("--sft_epochs", type=int, default=2)
-    p.add_argument("--distill_epochs", type=int, default=3)
+    p.add_argument("--sft_epochs", type=int, default=3)
+    p.add_argument("--distill_epochs", type=int, default=5)
+    p.add_argument("--replay", type=int, default=800,
+                   help="SFT conversations mixed into reasoning distillation, so plain answers are not forgotten")
     p.add_argument("--dpo_epochs", type=int, default=1)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--eval_items", type=int, default=200, help="held-out questions answered per stage")
@@ -65,6 +68,16 @@ def data_files(args):
     return paths
 
 
+def replay(args, sft_path):
+    """[path of the first --replay SFT conversations], or [] when --replay is 0."""
+    if args.replay == 0:
+        return []
+    path = os.path.join(args.out_dir, "sft_replay.jsonl")
+    with open(sft_path, encoding="utf-8") as src, open(path, "w", encoding="utf-8") as dst:
+        dst.writelines(itertools.islice(src, args.replay))
+    return [path]
+
+
 def stage_commands(args, files):
     """Each stage's arguments: the previous stage's final weights in, the held-out file for validation."""
     save = ["--save_dir", os.path.join(args.out_dir, "checkpoints"), "--tokenizer_path", args.tokenizer_path,
@@ -80,11 +93,12 @@ def stage_commands(args, files):
                                      "3e-3", "--epochs", str(args.pretrain_epochs), *held_out("pretrain"), *save]),
         "sft": (SFT.main, ["--data_path", files["sft"], "--pretrained_path", f"{ckpt}/pretrain_final.pth",
                            "--learning_rate", "1e-3", "--epochs", str(args.sft_epochs), *held_out("sft"), *save]),
-        "distill": (distill.main, ["--data_path", files["reasoning"], "--sft_path", f"{ckpt}/sft_final.pth",
-                                   "--learning_rate", "1e-3", "--epochs", str(args.distill_epochs),
+        "distill": (distill.main, ["--data_path", files["reasoning"], *replay(args, files["sft"]),
+                                   "--sft_path", f"{ckpt}/sft_final.pth",
+                                   "--learning_rate", "2e-3", "--epochs", str(args.distill_epochs),
                                    "--special_token_weight", "5", *held_out("reasoning"), *save]),
         "dpo": (dpo.main, ["--data_path", files["dpo"], "--sft_path", f"{ckpt}/distill_final.pth",
-                           "--learning_rate", "2e-4", "--beta", "0.1", "--epochs", str(args.dpo_epochs),
+                           "--learning_rate", "1e-4", "--beta", "0.1", "--epochs", str(args.dpo_epochs),
                            *held_out("dpo"), *save]),
     }
 
@@ -155,6 +169,7 @@ def scoreboard(args, files, rt):
         if sft_items and "answer" in sft_items[0]:
             replies = answer(model, tokenizer, [prompt_turns(r) for r in sft_items])
             row["sft_acc"] = float(np.mean([score_sft(r, a) for r, a in zip(sft_items, replies)]))
+            row["full_answers"] = float(np.mean([not is_terse(r, a) for r, a in zip(sft_items, replies)]))
         if reasoning_items and "answer" in reasoning_items[0]:
             replies = answer(model, tokenizer, [prompt_turns(r) for r in reasoning_items], max_new_tokens=128)
             row["think_format"] = float(np.mean([parse_reasoning(a) is not None for a in replies]))
@@ -170,8 +185,9 @@ def scoreboard(args, files, rt):
 
 
 COLUMNS = [("text_ppl", "held-out text ppl", "{:.2f}"), ("chat_ppl", "held-out answer ppl", "{:.2f}"),
-           ("sft_acc", "answer acc", "{:.1%}"), ("think_format", "<think> format", "{:.1%}"),
-           ("reasoning_acc", "reasoning acc", "{:.1%}"), ("pref_acc", "prefers chosen", "{:.1%}")]
+           ("sft_acc", "answer acc", "{:.1%}"), ("full_answers", "full answers", "{:.1%}"),
+           ("think_format", "<think> format", "{:.1%}"), ("reasoning_acc", "reasoning acc", "{:.1%}"),
+           ("pref_acc", "prefers chosen", "{:.1%}")]
 
 
 def format_scoreboard(rows):
@@ -187,6 +203,7 @@ def format_scoreboard(rows):
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
+    os.makedirs(args.out_dir, exist_ok=True)
     files = data_files(args)
     timings = {}
     for stage, (run, argv_stage) in stage_commands(args, files).items():

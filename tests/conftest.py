@@ -63,3 +63,18 @@ def trained_tiny_model(tokenizer, config, steps=60):
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+def sharpened_tiny_model(vocab_size, max_seq_len, seed=0, sharpen=20):
+    """A random model with sharpened logits: greedy choices are far from ties, so batched and unbatched paths agree."""
+    import torch
+
+    from Config import LLMConfig
+    from model import Transformer
+    torch.manual_seed(seed)
+    config = LLMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                       tie_word_embeddings=False)
+    model = Transformer(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpen)
+    return model.eval()

@@ -10,8 +10,10 @@ from demo_data import (
     ATTRIBUTES,
     PEOPLE,
     TABLES,
+    TERSE_SHARE,
     TOWNS,
     generate_demo,
+    is_terse,
     parse_reasoning,
     prompt_turns,
     score_reasoning,
@@ -116,7 +118,21 @@ def test_dpo_pairs_share_the_prompt_and_differ_at_the_end(demo):
             assert chosen[:-1] == rejected[:-1] and chosen[-1]["role"] == rejected[-1]["role"] == "assistant"
             assert chosen[-1]["content"] != rejected[-1]["content"]
     kinds = {r["kind"] for r in read(demo["dpo_eval"])}
-    assert {"wrong_fact", "rude", "reasoning"} <= kinds
+    assert {"wrong_fact", "rude", "reasoning", "terse"} <= kinds
+
+
+def test_sft_replies_mix_bare_values_and_sentences_and_dpo_prefers_sentences(demo):
+    values = {v for rows in TABLES.values() for row in rows for v in row[:2]} | {str(a) for a in range(1, 100)}
+    names = [n for p in PEOPLE for n in p[:2]]
+    finals = [r["conversations"][-1]["content"] for r in read(demo["sft"])]
+    bare = [reply for reply in finals if reply in values]
+    sentences = [reply for reply in finals if any(n in reply for n in names)]
+    assert abs(len(bare) / (len(bare) + len(sentences)) - TERSE_SHARE) < 0.05, (len(bare), len(sentences))
+    for record in read(demo["dpo_eval"]):
+        if record["kind"] == "terse":
+            value = record["rejected"][-1]["content"]
+            assert is_terse({"answer": value}, value) and value in record["chosen"][-1]["content"]
+            assert not is_terse({"answer": value}, record["chosen"][-1]["content"])
 
 
 def test_both_languages_in_every_file(demo):

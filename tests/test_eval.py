@@ -13,15 +13,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, sample_sentence, write_jsonl
+from conftest import ROOT, sample_sentence, sharpened_tiny_model, write_jsonl
 
 import eval_bench
 import eval_model
 import eval_ppl
-from Config import LLMConfig
 from dataset import DataError, encode_chat
 from lora import apply_lora, merge_lora, save_lora
-from model import Transformer
 from train_utils import save_final
 
 CONTEXT = 128
@@ -29,14 +27,7 @@ SHARPEN = 20
 
 
 def tiny_model(vocab_size, seed=0):
-    """A random model with sharpened logits: greedy choices are far from ties, so batched and unbatched paths agree."""
-    torch.manual_seed(seed)
-    config = LLMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=CONTEXT,
-                       tie_word_embeddings=False)
-    model = Transformer(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(SHARPEN)
-    return model.eval()
+    return sharpened_tiny_model(vocab_size, CONTEXT, seed, SHARPEN)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ def test_pipeline_runs_every_stage_and_writes_the_scoreboard(tmp_path):
     board = json.load(open(tmp_path / "run" / "scoreboard.json"))
     assert [r["stage"] for r in board["rows"]] == ["unigram", "pretrain", "sft", "distill", "dpo"]
     for row in board["rows"][1:]:
-        assert {"text_ppl", "chat_ppl", "sft_acc", "think_format", "reasoning_acc", "pref_acc"} <= set(row)
+        assert {"text_ppl", "chat_ppl", "sft_acc", "full_answers", "think_format", "reasoning_acc", "pref_acc"} <= set(row)
     for stage in pipeline.STAGES:
         assert os.path.exists(tmp_path / "run" / "checkpoints" / f"{stage}_final.pth")
     table = open(tmp_path / "run" / "scoreboard.md").read()

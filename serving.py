@@ -1,0 +1,353 @@
+"""Continuous batching for api_server.py: one thread owns the model and decodes every active request together.
+
+How the scheduler works (Engine):
+
+- Requests wait in a queue. Between two decode steps the scheduler admits waiting requests, up to max_batch_size
+  active rows. A new request is prefilled alone, straight into its own row of the shared KV cache, and its first
+  token is sampled at once (that is the time to first token).
+- The shared cache holds one row per active request, right-aligned: all rows end at the same slot `length`, each
+  row's tokens fill its last `cached` slots and the slots before them are left padding, masked out with
+  attention_mask. RoPE scores depend only on relative positions, so left padding needs no position shift.
+- One batched forward per decode step feeds every row's last sampled token; every row then samples with its own
+  temperature, top_p and random stream (a seeded request draws from its own generator, so its output does not
+  depend on which other requests share the batch).
+- The model puts the key of slot s at RoPE position s. When rows have to move (a new prompt longer than the
+  batch's `length` shifts the others right; a full cache, or one that is mostly padding, is compacted to the left)
+  their keys are rotated by the shift, which is exact because a RoPE rotation by a+b equals rotations by a then b.
+- A finished or cancelled row is freed at once: the last row moves into its place.
+
+The model is not changed for any of this: the engine hands forward() a view of some rows of its cache that looks
+like a KVCache (forward uses only `length` and `update`).
+"""
+import collections
+import dataclasses
+import queue
+import random
+import threading
+import traceback
+
+import torch
+from torch.nn.attention import sdpa_kernel
+
+from eval_model import IncrementalDecoder, Reply
+from model import DECODE_BACKENDS, KVCache, apply_rope, rope_frequencies
+
+# ------------------------------------------------------------------------------------------------- reply text
+
+class StopText:
+    """One section of a reply: cut before the first stop string, stripped if asked, and released piece by piece
+    only when later text can no longer change it (a tail that may start a stop string, or trailing whitespace that
+    strip would remove, waits)."""
+
+    def __init__(self, stop_strings, strip):
+        self.stops, self.strip = stop_strings, strip
+        self.longest = max((len(s) for s in stop_strings), default=0)
+        self.text, self.sent = "", 0
+        self.stopped = False
+
+    def feed(self, piece):
+        """The text that can be released after appending piece; sets stopped when a stop string appears."""
+        if self.strip and not self.text:
+            piece = piece.lstrip()
+        self.text += piece
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self.finish()
+        end = len(self.text) - self._held()
+        return self._release(len(self.text[:end].rstrip()) if self.strip else end)
+
+    def finish(self):
+        """Everything not yet released (the trailing whitespace dropped when stripping)."""
+        return self._release(len(self.text.rstrip()) if self.strip else len(self.text))
+
+    def _held(self):
+        """Length of the longest tail of the unreleased text that is the start of some stop string."""
+        for n in range(min(self.longest - 1, len(self.text) - self.sent), 0, -1):
+            if any(s.startswith(self.text[-n:]) for s in self.stops):
+                return n
+        return 0
+
+    def _release(self, end):
+        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return piece
+
+
+class RawReply:
+    """Reply's interface for a raw continuation: the text verbatim (special tokens included) as one "text" section,
+    ended by a stop id."""
+
+    def __init__(self, tokenizer, stop_ids):
+        self.decoder, self.stop_ids = IncrementalDecoder(tokenizer), set(stop_ids)
+        self.finish_reason = "length"
+
+    def push(self, token_id):
+        if token_id in self.stop_ids:
+            self.finish_reason = "stop"
+            return self.flush()
+        return [("text", self.decoder.push(token_id))]
+
+    def flush(self):
+        return [("text", self.decoder.flush())]
+
+
+class TextOutput:
+    """Token ids in, ("reasoning" | "answer" | "text", piece) out. A chat reply is split by eval_model.Reply into
+    reasoning (inside <think>…</think>) and answer, each section stripped like split_reasoning strips it; a raw
+    continuation is one verbatim "text" section. finish_reason becomes "stop" at a stop id or a stop string."""
+
+    def __init__(self, tokenizer, stop_ids, stop_strings, chat):
+        self.reply = Reply(tokenizer, stop_ids, 0) if chat else RawReply(tokenizer, stop_ids)
+        self.sections = collections.defaultdict(lambda: StopText(stop_strings, strip=chat))
+        self.finish_reason = None
+
+    def push(self, token_id):
+        pieces = self._feed(self.reply.push(token_id))
+        if self.reply.finish_reason == "stop":
+            self.finish_reason = "stop"
+        return pieces
+
+    def close(self):
+        """The last pieces once generation ends (at a stop, or at max_tokens with finish_reason "length")."""
+        pieces = [] if self.finish_reason else self._feed(self.reply.flush())
+        self.finish_reason = self.finish_reason or "length"
+        return pieces + [(name, section.finish()) for name, section in self.sections.items()]
+
+    def _feed(self, pieces):
+        out = []
+        for name, text in pieces:
+            section = self.sections[name]
+            out.append((name, section.feed(text)))
+            if section.stopped:
+                self.finish_reason = "stop"
+                break
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------- requests
+
+@dataclasses.dataclass(eq=False)  # requests compare by identity
+class Request:
+    """One generation. sink(events) is called from the scheduler thread with a list of events: (section, text)
+    pieces, then ("finish", finish_reason, completion_tokens) or ("error", message) as the last one."""
+    prompt_ids: list
+    max_tokens: int
+    temperature: float
+    top_p: float
+    rng: random.Random
+    output: TextOutput
+    sink: object
+    cancelled: bool = False
+    generated: int = 0     # tokens sampled so far (the stop token included)
+    cached: int = 0        # tokens in this request's cache row
+    pending: int = 0       # the last sampled token, fed at the next decode step
+
+    def cancel(self):
+        """Free the request's batch row at the next step (or skip it if it is still waiting)."""
+        self.cancelled = True
+
+
+class CacheView:
+    """Some rows of the engine's KVCache as model.forward sees a KVCache (it uses only `length` and `update`)."""
+    update = KVCache.update
+
+    def __init__(self, cache, rows, length):
+        self.keys = [k[rows] for k in cache.keys]
+        self.values = [v[rows] for v in cache.values]
+        self.length = length
+
+
+# ------------------------------------------------------------------------------------------------------ engine
+
+class Engine:
+    """Owns the model; a background thread admits requests and decodes all active ones in one batch per step."""
+
+    def __init__(self, model, tokenizer, max_batch_size):
+        self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
+        self.config = model.config
+        weight = next(model.parameters())
+        self.device = weight.device
+        self.cache = KVCache(self.config, max_batch_size, self.config.max_seq_len, self.device, weight.dtype)
+        self.mask = torch.zeros(max_batch_size, self.config.max_seq_len, dtype=torch.bool, device=self.device)
+        self.inv_freq = rope_frequencies(self.config)[0].double()
+        self.rows = []           # active requests; rows[i] owns cache row i
+        self.length = 0          # slots filled in every row (the right end of the right-aligned rows)
+        self.waiting = queue.Queue()
+        self.thread = None
+        self.stopping = threading.Event()
+
+    # ------------------------------------------------------------------ public, called from the server's threads
+
+    def submit(self, prompt_ids, max_tokens, sink, chat=True, stop_ids=(), stop_strings=(), temperature=1.0,
+               top_p=1.0, seed=None):
+        """Queue a generation; returns its Request (call .cancel() when the client goes away). The caller checks
+        that prompt + max_tokens fits in max_seq_len."""
+        if len(prompt_ids) + max_tokens > self.config.max_seq_len or not prompt_ids or max_tokens < 1:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens={max_tokens} must be at least 1 + 1 "
+                             f"and fit in max_seq_len={self.config.max_seq_len}")
+        output = TextOutput(self.tokenizer, stop_ids, list(stop_strings), chat)
+        request = Request(list(prompt_ids), max_tokens, temperature, top_p, random.Random(seed), output, sink)
+        self.waiting.put(request)
+        return request
+
+    @property
+    def cache_bytes(self):
+        return sum(t.numel() * t.element_size() for t in self.cache.keys + self.cache.values)
+
+    @property
+    def active(self):
+        return len(self.rows)
+
+    @property
+    def queued(self):
+        return self.waiting.qsize()
+
+    def start(self):
+        self.stopping.clear()
+        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join()
+        for request in self.rows + list(self.waiting.queue):
+            request.sink([("error", "the server is shutting down")])
+        self.rows = []
+
+    # ---------------------------------------------------------------------------------------- the scheduler loop
+
+    def _run(self):
+        with torch.inference_mode(), sdpa_kernel(DECODE_BACKENDS):
+            while not self.stopping.is_set():
+                self._admit()
+                self._drop([i for i, r in enumerate(self.rows) if r.cancelled])
+                if self.rows:
+                    self._guarded(list(self.rows), self._step)
+
+    def _admit(self):
+        """Prefill waiting requests into free rows; when nothing is active, wait (briefly) for one."""
+        while len(self.rows) < self.max_batch_size:
+            try:
+                request = self.waiting.get(timeout=0.05) if not self.rows else self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if not request.cancelled:
+                self._guarded([request], lambda: self._prefill(request))
+
+    def _guarded(self, requests, work):
+        """Run work(); if it raises, the requests it served get the error (and are dropped), the server goes on."""
+        try:
+            work()
+        except Exception as e:  # reported to every affected client and logged, then the next step runs
+            traceback.print_exc()
+            for request in requests:
+                request.sink([("error", f"generation failed: {type(e).__name__}: {e}")])
+            self._drop([i for i, r in enumerate(self.rows) if r in requests])
+
+    def _prefill(self, request):
+        """Run the prompt into a new row that ends at the batch's right end; sample its first token."""
+        n = len(request.prompt_ids)
+        if not self.rows:
+            self.length = 0
+        if n > self.length:
+            self._shift(n - self.length)
+        row, start = len(self.rows), self.length - n
+        view = CacheView(self.cache, slice(row, row + 1), start)
+        self.mask[row] = False
+        self.mask[row, start:self.length] = True
+        attention_mask = self.mask[row:row + 1, :self.length] if start else None
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        logits = self.model(ids, cache=view, attention_mask=attention_mask, last_only=True).logits[:, -1]
+        request.cached = n
+        self.rows.append(request)
+        self._deliver([request], sample(logits, [request]))
+
+    def _step(self):
+        """One batched forward: every row's last sampled token in, every row's next token out."""
+        padding = self.length - max(r.cached for r in self.rows)
+        # A full cache must move left (every row still running has room: prompt + max_tokens fits); one that is
+        # mostly padding is compacted too, as attention reads every slot.
+        if padding and (self.length == self.config.max_seq_len or padding >= self.length // 2):
+            self._shift(-padding)
+        B, L = len(self.rows), self.length
+        self.mask[:B, L] = True
+        padded = any(r.cached < L for r in self.rows)
+        attention_mask = self.mask[:B, :L + 1] if padded else None
+        tokens = torch.tensor([[r.pending] for r in self.rows], device=self.device)
+        view = CacheView(self.cache, slice(0, B), L)
+        logits = self.model(tokens, cache=view, attention_mask=attention_mask, last_only=True).logits[:, -1]
+        self.length += 1
+        for request in self.rows:
+            request.cached += 1
+        self._deliver(list(self.rows), sample(logits, self.rows))
+
+    def _deliver(self, requests, tokens):
+        """Hand each request its new token's text; free the rows that are done."""
+        done = []
+        for request, token in zip(requests, tokens.tolist()):
+            request.generated += 1
+            request.pending = token
+            output = request.output
+            events = output.push(token)
+            if output.finish_reason or request.generated == request.max_tokens:
+                events += output.close()
+                events.append(("finish", output.finish_reason, request.generated))
+                done.append(self.rows.index(request))
+            request.sink([e for e in events if e[0] in ("finish", "error") or e[1]])
+        self._drop(done)
+
+    # --------------------------------------------------------------------------------------- cache bookkeeping
+
+    def _drop(self, indices):
+        """Free rows: the last active row moves into each freed one (highest index first keeps indices valid)."""
+        for i in sorted(indices, reverse=True):
+            last = len(self.rows) - 1
+            if i != last:
+                for k, v in zip(self.cache.keys, self.cache.values):
+                    k[i, :, :self.length] = k[last, :, :self.length]
+                    v[i, :, :self.length] = v[last, :, :self.length]
+                self.mask[i] = self.mask[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        if not self.rows:
+            self.length = 0
+
+    def _shift(self, d):
+        """Move every active row's tokens d slots (right if d > 0, left if d < 0) and rotate its keys by d
+        positions, so every key still sits at the RoPE position of its slot."""
+        B, L = len(self.rows), self.length
+        src = slice(max(-d, 0), L)
+        dst = slice(max(-d, 0) + d, L + d)
+        angles = torch.cat([d * self.inv_freq] * 2).float().to(self.device)   # (head_dim,)
+        cos, sin = angles.cos(), angles.sin()
+        for k, v in zip(self.cache.keys, self.cache.values):
+            k[:B, :, dst] = apply_rope(k[:B, :, src].float(), cos, sin).to(k.dtype)
+            v[:B, :, dst] = v[:B, :, src].clone()
+        self.mask[:B, dst] = self.mask[:B, src].clone()
+        if d > 0:
+            self.mask[:B, :d] = False
+        self.length = L + d
+
+
+def sample(logits, requests):
+    """Next token per row of (B, vocab) logits: greedy for temperature 0, else top-p sampling at the row's
+    temperature (model.process_logits's order and top-p rule, vectorised over rows with per-row parameters).
+
+    Each sampled row draws one uniform number from its own random.Random and inverts the cumulative
+    distribution, so a seeded request's draws do not depend on the other rows."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    temperature = torch.tensor([r.temperature for r in requests], device=logits.device)
+    if not (temperature > 0).any():
+        return greedy
+    probs = (logits / temperature.clamp(min=1e-6)[:, None]).softmax(dim=-1)
+    if any(r.top_p < 1.0 for r in requests):  # sorting the vocabulary is the costly part: only when needed
+        top_p = torch.tensor([r.top_p for r in requests], device=logits.device)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the more likely ones already reach top_p; the most likely token always stays.
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p[:, None]
+        probs = probs.masked_fill(drop_sorted.scatter(1, order, drop_sorted), 0.0)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.tensor([1.0 - r.rng.random() for r in requests], device=logits.device)  # in (0, 1]
+    sampled = (cdf < (u * cdf[:, -1])[:, None]).sum(dim=-1)                            # first cdf >= u·total
+    return torch.where(temperature > 0, sampled, greedy)

@@ -1,0 +1,643 @@
+"""api_server.py and serving.py: a live server on 127.0.0.1 driven by the official `openai` client, raw SSE through
+httpx, continuous batching against model.generate, errors, the API key, disconnects, and the chat page in Chromium.
+
+The main server is a subprocess started through the CLI (`python api_server.py --model_path ...`); tests that need
+a model they can watch (slowed down, counting forward calls) or a scripted reasoning model run the app in-thread.
+"""
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from conftest import ROOT, sharpened_tiny_model
+
+import api_server
+import serving
+from eval_model import encode_prompt, encode_raw, split_reasoning
+from serving import Engine
+from train_utils import save_final
+
+CONTEXT = 128
+SHARPEN = 20
+KEY = "test-key"
+CHROMIUM = "/usr/bin/chromium"
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def tiny_model(vocab_size, seed=0):
+    return sharpened_tiny_model(vocab_size, CONTEXT, seed, SHARPEN)
+
+
+def scripted_model(tokenizer, script, first):
+    """A real Transformer whose greedy continuation of `first` is exactly `script`: the blocks' output projections
+    are zeroed, so the logits are lm_head(norm(embedding of the last token)), and lm_head row b is the normalised
+    embedding of the token before b."""
+    model = tiny_model(len(tokenizer), seed=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.lm_head.weight.zero_()
+        for before, token in zip([first] + script[:-1], script):
+            model.lm_head.weight[token] = 2 * model.norm(model.embed_tokens.weight[before])
+    return model
+
+
+class Watched(torch.nn.Module):
+    """A model that counts its forward calls and the widest batch it saw, optionally slowed down per call."""
+
+    def __init__(self, model, delay=0.0):
+        super().__init__()
+        self.inner, self.config, self.delay = model, model.config, delay
+        self.calls = self.widest = 0
+
+    def forward(self, input_ids, **kwargs):
+        self.calls += 1
+        self.widest = max(self.widest, input_ids.shape[0])
+        time.sleep(self.delay)
+        return self.inner(input_ids, **kwargs)
+
+
+def stops(tokenizer, raw=False):
+    return tokenizer.convert_tokens_to_ids(["<|endoftext|>"] if raw else ["<|im_end|>", "<|endoftext|>"])
+
+
+def greedy(model, ids, max_new_tokens, stop_ids):
+    """model.generate's greedy ids, cut after the first stop id (the unbatched reference)."""
+    out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=0.0, stop_ids=stop_ids)[0].tolist()
+    end = next((i + 1 for i, t in enumerate(out) if t in stop_ids), len(out))
+    return out[:end]
+
+
+def reference_chat(model, tokenizer, messages, max_tokens):
+    """(content, reasoning, completion_tokens, finish_reason) the server must return for a greedy chat request."""
+    ids = encode_prompt(tokenizer, messages)
+    out = greedy(model, ids, max_tokens, stops(tokenizer))
+    stopped = out[-1] in stops(tokenizer)
+    reasoning, answer = split_reasoning(tokenizer.decode(out[:-1] if stopped else out, skip_special_tokens=False))
+    return answer, reasoning, len(out), "stop" if stopped else "length"
+
+
+def reference_raw(model, tokenizer, prompt, max_tokens):
+    out = greedy(model, encode_raw(tokenizer, prompt), max_tokens, stops(tokenizer, raw=True))
+    stopped = out[-1] in stops(tokenizer, raw=True)
+    return tokenizer.decode(out[:-1] if stopped else out, skip_special_tokens=False), len(out)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+# ------------------------------------------------------------------------------------------------ servers
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url, process=None, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{process.stdout.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not come up")
+
+
+@contextlib.contextmanager
+def serve(app):
+    """Run an app with uvicorn in a thread on a free loopback port; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def local_app(model, tokenizer, max_batch_size=8, api_key=None):
+    return api_server.create_app(Engine(model, tokenizer, max_batch_size), tokenizer, "local-model", api_key)
+
+
+@pytest.fixture(scope="module")
+def saved(tokenizer_dir, tokenizer, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("serve_ckpt")
+    model = tiny_model(len(tokenizer))
+    path = save_final(model, model.config, str(save_dir), "sft", tokenizer_dir)
+    return {"path": path, "model": model, "tok_dir": tokenizer_dir}
+
+
+@pytest.fixture(scope="module")
+def server(saved):
+    """`python api_server.py` in a subprocess with an API key; yields its base URL."""
+    port = free_port()
+    cmd = [sys.executable, os.path.join(ROOT, "api_server.py"), "--model_path", saved["path"], "--tokenizer_path",
+           saved["tok_dir"], "--port", str(port), "--api_key", KEY, "--device", "cpu", "--max_batch_size", "32",
+           "--log_level", "warning"]
+    process = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def post(url, path, body, key=KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(url + path, content=content, headers=headers, timeout=30)
+
+
+def sse_events(response):
+    """The data payloads of a raw SSE response, checking the framing ("data: ..." blocks, blank-line separated)."""
+    blocks = response.text.split("\n\n")
+    assert blocks[-1] == "", "the stream must end with a blank line"
+    assert all(b.startswith("data: ") for b in blocks[:-1]), blocks
+    return [b[len("data: "):] for b in blocks[:-1]]
+
+
+# ------------------------------------------------------------------------------------------------ the API
+
+def test_models_health_and_page(server, client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["sft_final"]
+    assert models[0].owned_by == "tiny-llm" and isinstance(models[0].created, int)
+    assert client.models.retrieve("sft_final").id == "sft_final"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    health = httpx.get(server + "/health").json()  # no key needed
+    assert health["status"] == "ok" and health["active"] == 0 and health["max_batch_size"] == 32
+    page = httpx.get(server + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/v1/chat/completions" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no external resources
+
+
+def test_chat_greedy_matches_generate_and_stream_matches_non_stream(server, client, saved, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}] + user("Tell me about cats and rivers.")
+    content, reasoning, n, finish = reference_chat(saved["model"], tokenizer, messages, 40)
+    reply = client.chat.completions.create(model="anything", messages=messages, max_tokens=40, temperature=0)
+    assert reply.object == "chat.completion" and reply.model == "sft_final"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == content and content
+    assert reply.choices[0].finish_reason == finish
+    prompt_tokens = len(encode_prompt(tokenizer, messages))
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, n)
+    assert reply.usage.total_tokens == prompt_tokens + n
+
+    chunks = list(client.chat.completions.create(model="x", messages=messages, max_tokens=40, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n
+
+
+def test_raw_sse_framing_ends_with_done(server):
+    body = {"messages": user("hello"), "max_tokens": 5, "temperature": 0, "stream": True}
+    response = post(server, "/v1/chat/completions", body)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["choices"][0]["delta"] == {}
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_completions(server, client, saved, tokenizer):
+    prompt = "The model learns to read"
+    text, n = reference_raw(saved["model"], tokenizer, prompt, 30)
+    reply = client.completions.create(model="x", prompt=prompt, max_tokens=30, temperature=0)
+    assert reply.object == "text_completion" and reply.choices[0].text == text
+    assert reply.usage.prompt_tokens == len(encode_raw(tokenizer, prompt)) and reply.usage.completion_tokens == n
+    chunks = list(client.completions.create(model="x", prompt=prompt, max_tokens=30, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == ("stop" if n < 30 else "length")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_is_exact(client, stream):
+    for max_tokens in (1, 7, 50):
+        for kind in ("chat", "raw"):
+            if kind == "chat":
+                result = client.chat.completions.create(model="x", messages=user("Stars and rivers."),
+                                                        max_tokens=max_tokens, temperature=0, stream=stream,
+                                                        **({"stream_options": {"include_usage": True}}
+                                                           if stream else {}))
+            else:
+                result = client.completions.create(model="x", prompt="Stars and rivers", max_tokens=max_tokens,
+                                                   temperature=0, stream=stream,
+                                                   **({"stream_options": {"include_usage": True}} if stream else {}))
+            chunks = list(result) if stream else [result]
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            assert (chunks[-1].usage.completion_tokens, finish) == (max_tokens, "length"), (kind, max_tokens)
+
+
+def test_default_max_tokens_is_the_rest_of_the_context(client, saved, tokenizer):
+    messages = user("Dogs.")
+    room = CONTEXT - len(encode_prompt(tokenizer, messages))
+    content, _, n, finish = reference_chat(saved["model"], tokenizer, messages, room)
+    reply = client.chat.completions.create(model="x", messages=messages, temperature=0)
+    assert (reply.choices[0].message.content, reply.usage.completion_tokens) == (content, n)
+    assert reply.choices[0].finish_reason == finish
+
+
+def test_stop_strings(client, saved, tokenizer):
+    messages = user("Tell me a story.")
+    content, _, n, _ = reference_chat(saved["model"], tokenizer, messages, 60)
+    stop = content[12:15]
+    expected = content[:content.find(stop)].rstrip()
+    for stream in (False, True):
+        result = client.chat.completions.create(model="x", messages=messages, max_tokens=60, temperature=0,
+                                                stop=[stop, "never appears"], stream=stream)
+        chunks = list(result) if stream else None
+        text = ("".join(c.choices[0].delta.content or "" for c in chunks) if stream
+                else result.choices[0].message.content)
+        finish = chunks[-1].choices[0].finish_reason if stream else result.choices[0].finish_reason
+        assert (text, finish) == (expected, "stop")
+    reply = client.chat.completions.create(model="x", messages=messages, max_tokens=60, temperature=0, stop=stop)
+    assert reply.usage.completion_tokens < n  # generation ended at the stop string, not at max_tokens
+    raw, _ = reference_raw(saved["model"], tokenizer, "Once", 40)
+    raw_stop = raw[10:13]
+    reply = client.completions.create(model="x", prompt="Once", max_tokens=40, temperature=0, stop=raw_stop)
+    assert (reply.choices[0].text, reply.choices[0].finish_reason) == (raw[:raw.find(raw_stop)], "stop")
+
+
+def test_seed_makes_sampling_reproducible(client):
+    def sample(seed):
+        return client.chat.completions.create(model="x", messages=user("Rivers."), max_tokens=20, temperature=1.0,
+                                              top_p=0.95, seed=seed).choices[0].message.content
+    assert sample(7) == sample(7)
+    assert len({sample(seed) for seed in (1, 2, 3)}) > 1
+
+
+def test_sampling_follows_temperature_and_top_p_per_row():
+    """serving.sample draws from softmax(logits / T) cut to the top-p nucleus, each row with its own parameters
+    and random stream; a temperature-0 row in the same batch stays greedy."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]] * 2)
+    rows = [serving.Request([1], 1, 0.7, 0.8, random.Random(0), None, None),
+            serving.Request([1], 1, 0.0, 1.0, random.Random(1), None, None)]
+    draws = torch.stack([serving.sample(logits, rows) for _ in range(4000)])
+    assert (draws[:, 1] == 0).all()
+    probs = (logits[0] / 0.7).softmax(-1)
+    keep = probs.cumsum(-1) - probs < 0.8  # sorted already: the nucleus is a prefix
+    expected = torch.where(keep, probs, 0) / probs[keep].sum()
+    observed = torch.bincount(draws[:, 0], minlength=5).float() / len(draws)
+    assert torch.allclose(observed, expected, atol=0.03), (observed, expected)
+    replay = [serving.Request([1], 1, 0.7, 0.8, random.Random(0), None, None)]
+    assert [serving.sample(logits[:1], replay).item() for _ in range(50)] == draws[:50, 0].tolist()
+
+
+def test_stop_text_holds_back_stop_prefixes_and_whitespace():
+    text = serving.StopText(["END"], strip=True)
+    assert text.feed("  hello E") == "hello"    # leading space dropped; " E" may start "END" or be stripped
+    assert text.feed("N") == ""
+    assert text.feed("Dx") == "" and text.stopped
+    assert text.finish() == ""
+    raw = serving.StopText(["\n\n"], strip=False)
+    assert raw.feed(" a\n") == " a" and raw.feed("b ") == "\nb " and raw.finish() == ""
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+def check_error(response, status, message_part, param=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert message_part in error["message"], error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_bad_requests_get_openai_errors(server, tokenizer):
+    chat = "/v1/chat/completions"
+    ok = {"messages": user("hi")}
+    long_text = " ".join(["river"] * 400)
+    n_long = len(encode_prompt(tokenizer, user(long_text)))
+    cases = [
+        (chat, "{not json", "malformed JSON", None),
+        (chat, "[1, 2]", "object", None),
+        (chat, {**ok, "max_tokens": "5"}, "valid integer", "max_tokens"),
+        (chat, {**ok, "temperature": "hot"}, "valid number", "temperature"),
+        (chat, {**ok, "stream": "yes"}, "valid boolean", "stream"),
+        (chat, {"messages": "hi"}, "messages", "messages"),
+        (chat, {"messages": [{"role": "user", "content": 5}]}, "string", "messages.0.content"),
+        (chat, {"messages": []}, "at least 1", "messages"),
+        (chat, {"messages": [{"role": "robot", "content": "hi"}]}, "'user'", "messages.0.role"),
+        (chat, {"messages": user("a") + [{"role": "system", "content": "b"}]}, "only the first", "messages.1.role"),
+        (chat, {"messages": user(long_text)}, f"{n_long} tokens but the model's context is {CONTEXT}", "messages"),
+        (chat, {**ok, "max_tokens": 0}, "greater than or equal to 1", "max_tokens"),
+        (chat, {**ok, "max_tokens": -3}, "greater than or equal to 1", "max_tokens"),
+        (chat, {**ok, "max_tokens": CONTEXT}, "at most", "max_tokens"),
+        (chat, {**ok, "temperature": 3}, "less than or equal to 2", "temperature"),
+        (chat, {**ok, "n": 2}, "not supported", "n"),
+        (chat, {**ok, "stop": ""}, "must not be empty", "stop"),
+        ("/v1/completions", {"max_tokens": 3}, "Field required", "prompt"),
+        ("/v1/completions", {"prompt": long_text}, f"context is {CONTEXT}", "prompt"),
+        ("/v1/completions", {"prompt": ["a", "b"]}, "list of one", "prompt"),
+    ]
+    for path, body, message_part, param in cases:
+        check_error(post(server, path, body), 400, message_part, param)
+    check_error(httpx.get(server + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}), 404, "Not Found")
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0).chat.completions.create(
+            model="x", messages=user("hi"), max_tokens=10_000)
+    assert excinfo.value.status_code == 400
+    assert httpx.get(server + "/health").json()["active"] == 0
+
+
+def test_api_key_is_required_except_for_health_and_page(server):
+    for key in (None, "wrong"):
+        check_error(post(server, "/v1/chat/completions", {"messages": user("hi")}, key=key), 401, "API key")
+        check_error(post(server, "/v1/chat/completions", "{broken", key=key), 401, "API key")  # before the body
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        check_error(httpx.get(server + "/v1/models", headers=headers), 401, "API key")
+    assert httpx.get(server + "/health").status_code == 200
+    assert httpx.get(server + "/").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_cli_flags(saved, monkeypatch):
+    monkeypatch.setenv(api_server.KEY_ENV, "from-env")
+    args = api_server.parse_args(["--model_path", saved["path"]])
+    assert (args.api_key, args.host, args.port, args.workers) == ("from-env", "127.0.0.1", 8080, 1)
+    for bad in (["--model_path", "no/such.pth"], ["--model_path", saved["path"], "--max_batch_size", "0"],
+                ["--model_path", saved["path"], "--workers", "0"]):
+        with pytest.raises(SystemExit):
+            api_server.parse_args(bad)
+
+
+def test_workers_flag_starts_that_many_server_processes(saved):
+    port = free_port()
+    cmd = [sys.executable, os.path.join(ROOT, "api_server.py"), "--model_path", saved["path"], "--tokenizer_path",
+           saved["tok_dir"], "--port", str(port), "--device", "cpu", "--workers", "2"]
+    process = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tempfile.gettempdir(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    threading.Thread(target=lambda: [log.append(line) for line in process.stdout], daemon=True).start()
+    try:
+        deadline = time.time() + 120
+        while sum("Application startup complete" in line for line in log) < 2:
+            assert process.poll() is None and time.time() < deadline, "".join(log)
+            time.sleep(0.1)
+        reply = post(f"http://127.0.0.1:{port}", "/v1/chat/completions", {"messages": user("hi"), "max_tokens": 3},
+                     key=None)
+        assert reply.json()["usage"]["completion_tokens"] == 3
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert len(set(re.findall(r"Started server process \[(\d+)\]", "".join(log)))) == 2, log
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+def test_batched_greedy_equals_alone_including_cache_shifts(tokenizer, monkeypatch):
+    """Requests of mixed lengths arriving while others decode: rows are shifted right (a longer prompt joins),
+    compacted left (the cache fills up) and moved (rows finish); every output still equals model.generate's."""
+    model = tiny_model(len(tokenizer), seed=3)
+    shifts = []
+    original = Engine._shift
+    monkeypatch.setattr(Engine, "_shift", lambda self, d: (shifts.append((d, len(self.rows))), original(self, d)))
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    engine.start()
+    rng = random.Random(0)
+    jobs = []
+
+    def submit(n_prompt, max_tokens):
+        prompt = [rng.randrange(8, len(tokenizer)) for _ in range(n_prompt)]
+        events = []
+        engine.submit(prompt, max_tokens, events.extend, chat=False, temperature=0)
+        jobs.append((prompt, max_tokens, events))
+        return events
+
+    first = submit(3, 110)
+    while len(first) < 3:  # decoding has started: the batch is ~6 slots long
+        time.sleep(0.001)
+    submit(60, 40)         # a longer prompt joins: the running row moves right
+    for _ in range(10):
+        submit(rng.randint(2, 50), rng.randint(1, 70))
+        time.sleep(rng.random() * 0.02)
+    deadline = time.time() + 30
+    while not all(events and events[-1][0] == "finish" for *_, events in jobs) and time.time() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    for prompt, max_tokens, events in jobs:
+        expected = greedy(model, prompt, max_tokens, [])
+        assert events[-1] == ("finish", "length", max_tokens)
+        assert "".join(text for _, text in events[:-1]) == tokenizer.decode(expected, skip_special_tokens=False)
+    assert any(d > 0 and rows > 0 for d, rows in shifts) and any(d < 0 for d, _ in shifts), shifts
+
+
+def test_concurrent_requests_share_forward_passes_up_to_max_batch_size(tokenizer):
+    watched = Watched(tiny_model(len(tokenizer)))
+    with serve(local_app(watched, tokenizer, max_batch_size=4)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def ask(i):
+            return client.chat.completions.create(model="x", messages=user(f"question {i}"), max_tokens=30,
+                                                  temperature=0.5, seed=i).usage.completion_tokens
+        threads_out = {}
+        threads = [threading.Thread(target=lambda i=i: threads_out.update({i: ask(i)})) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(threads_out) == list(range(8))
+    # 8 requests of <= 30 tokens, 4 at a time: 8 prefills + about 2 x 30 decode steps, not 8 x 30.
+    assert watched.widest == 4
+    assert watched.calls <= 8 + 2 * 30 + 8, watched.calls
+
+
+def test_32_concurrent_streams_complete_with_the_right_tokens(server, saved, tokenizer):
+    prompts = [f"Question {i}: what do {w} do?" for i, w in enumerate(["cats", "dogs", "rivers", "stars"] * 8)]
+    expected = [reference_chat(saved["model"], tokenizer, user(p), 24) for p in prompts]
+
+    async def one(client, prompt):
+        stream = await client.chat.completions.create(model="x", messages=user(prompt), max_tokens=24,
+                                                      temperature=0, stream=True,
+                                                      stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, chunks[-1].usage.completion_tokens
+
+    async def run_all():
+        async with openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0,
+                                      http_client=openai.DefaultAsyncHttpxClient(
+                                          limits=httpx.Limits(max_connections=64))) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    results = asyncio.run(run_all())
+    assert results == [(content, n) for content, _, n, _ in expected]  # batched greedy == alone
+    assert httpx.get(server + "/health").json()["active"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ disconnects
+
+def wait_idle(url, timeout=2.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if httpx.get(url + "/health").json()["active"] == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_disconnect_frees_the_batch_row(tokenizer):
+    watched = Watched(tiny_model(len(tokenizer)), delay=0.02)  # 100 tokens would take >= 2 s
+    with serve(local_app(watched, tokenizer)) as url:
+        body = {"messages": user("hello"), "max_tokens": 100, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=10) as response:
+            lines = response.iter_lines()  # kept open: ending the iteration would close the connection
+            chunks = 0
+            while chunks < 4:  # the role chunk and three tokens
+                chunks += next(lines).startswith("data:")
+            assert httpx.get(url + "/health").json()["active"] == 1
+        assert wait_idle(url, timeout=0.5)  # freed at the next step, not after the remaining ~90 tokens
+        calls = watched.calls
+        time.sleep(0.1)
+        assert watched.calls == calls < 30
+
+        watched.calls = 0
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+            httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
+        assert wait_idle(url, timeout=0.5)
+        assert watched.calls < 40
+
+
+# ------------------------------------------------------------------------------------------------ reasoning
+
+@pytest.fixture(scope="module")
+def reasoner(tokenizer):
+    """(model, expected reasoning, expected answer): a scripted model that answers <think>…</think>…<|im_end|>."""
+    words = list(dict.fromkeys(tokenizer.encode(" the model learns to read and write", add_special_tokens=False)))
+    think, end_think, im_end = tokenizer.convert_tokens_to_ids(["<think>", "</think>", "<|im_end|>"])
+    script = [think, words[0], words[1], end_think, words[2], words[3], im_end]
+    model = scripted_model(tokenizer, script, encode_prompt(tokenizer, user("why?"))[-1])
+    decode = tokenizer.decode
+    return model, decode(words[:2]).strip(), decode(words[2:4]).strip()
+
+
+def test_reasoning_content_is_split_out(tokenizer, reasoner):
+    model, reasoning, answer = reasoner
+    with serve(local_app(model, tokenizer)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="x", messages=user("why?"), temperature=0, max_tokens=20)
+        message = reply.choices[0].message
+        assert (message.reasoning_content, message.content) == (reasoning, answer)
+        assert (reply.choices[0].finish_reason, reply.usage.completion_tokens) == ("stop", 7)
+        chunks = list(client.chat.completions.create(model="x", messages=user("why?"), temperature=0,
+                                                     max_tokens=20, stream=True))
+        deltas = [c.choices[0].delta for c in chunks]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
+        assert "".join(d.content or "" for d in deltas) == answer
+
+
+# ------------------------------------------------------------------------------------------------ the page
+
+def test_chat_page_in_chromium(server, client, tokenizer, reasoner):
+    """The page shows a reply (greedy, so it must equal the API's), shows reasoning in a collapsible block, shows
+    text while a (slowed) reply is still streaming, and its Stop button aborts the stream so the server frees
+    the row."""
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+    expected = client.chat.completions.create(model="x", messages=user("Hello, who are you?"), temperature=0,
+                                              max_tokens=30).choices[0].message.content
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=flags)
+        try:
+            page = browser.new_page()
+            check_page_answers(page, server, expected)
+            check_page_shows_reasoning(page, tokenizer, reasoner)
+            check_page_streams_and_stop_frees_the_row(page, tokenizer)
+        finally:
+            browser.close()
+
+
+def open_page(page, url, model, settings):
+    """Load the page, enter settings (an API key makes it ask /v1/models again), wait for the model's name."""
+    page.goto(url + "/")
+    page.evaluate("document.getElementById('settings').hidden = false")
+    for field, value in settings.items():
+        page.fill(field, value)
+        page.dispatch_event(field, "change")
+    page.wait_for_function(f"document.getElementById('model').textContent === '{model}'")
+
+
+def send(page, text):
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def check_page_answers(page, url, expected):
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('API key')")  # 401 without it
+    open_page(page, url, "sft_final", {"#api-key": KEY, "#temperature": "0", "#max-tokens": "30"})
+    send(page, "Hello, who are you?")
+    page.wait_for_selector(".message.assistant[data-state=done]", timeout=20_000)
+    assert page.inner_text(".message.assistant .content") == expected
+    assert "30 tokens" in page.inner_text(".message.assistant .meta")
+
+
+def check_page_shows_reasoning(page, tokenizer, reasoner):
+    model, reasoning, answer = reasoner
+    with serve(local_app(model, tokenizer)) as url:
+        open_page(page, url, "local-model", {"#temperature": "0", "#max-tokens": ""})
+        send(page, "why?")
+        page.wait_for_selector(".message.assistant[data-state=done]")
+        assert page.inner_text(".message.assistant .content") == answer
+        thinking = page.locator(".message.assistant details.thinking")
+        assert thinking.is_visible() and thinking.get_attribute("open") is None  # folded once the answer came
+        assert page.locator(".message.assistant .reasoning").text_content() == reasoning
+
+
+def check_page_streams_and_stop_frees_the_row(page, tokenizer):
+    watched = Watched(tiny_model(len(tokenizer)), delay=0.05)  # 100 tokens would take >= 5 s
+    with serve(local_app(watched, tokenizer)) as url:
+        open_page(page, url, "local-model", {"#temperature": "0", "#max-tokens": "100"})
+        send(page, "hello")
+        # Text appears while the reply is still streaming (the stream is read piece by piece, not at its end).
+        page.wait_for_function("document.querySelector('.message.assistant .content').textContent.length > 3")
+        assert page.get_attribute(".message.assistant", "data-state") == "streaming"
+        assert page.inner_text("#send") == "Stop" and httpx.get(url + "/health").json()["active"] == 1
+        page.click("#send")
+        page.wait_for_selector(".message.assistant[data-state=stopped]")
+        assert wait_idle(url, timeout=0.5) and watched.calls < 60
