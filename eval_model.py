@@ -511,6 +511,8 @@ def parse_args(argv=None):
     add_bool_flag(p, "--stream", True, help="print the reply token by token")
     a("--history_turns", type=int, default=None, help="keep at most this many past turns (default: all that fit)")
     a("--system_prompt", default=None, help="a system message before every conversation")
+    add_bool_flag(p, "--compile", help="torch.compile the model (dynamic shapes): the first reply waits for the "
+                  "compilation (about 40 s on 2 CPU cores), later ones decode ~1.3x faster on CPU")
     add_bool_flag(p, "--show_speed", help="print prefill and decode tokens/s after each reply (stderr)")
     a("--prompt", action="append", default=None, help="answer this prompt and exit (repeatable)")
     a("--prompts_file", default=None, help="answer every prompt in this file and exit: one per line, or JSONL "
@@ -528,6 +530,8 @@ def build_session(args):
     model, meta = load_for_inference(path, device, inference_dtype(args.dtype, device), args.lora_path, args.quantize)
     check_tokenizer(meta, args.tokenizer_path, path)
     warn_ignored_shape(args, model.config)
+    if args.compile:
+        model.compile(dynamic=True)  # in place: generate_stream's self(...) calls run the compiled forward
     context = model.config.max_seq_len
     if args.max_seq_len is not None and args.max_seq_len > context:
         print(f"warning: --max_seq_len {args.max_seq_len} exceeds the model's context {context}; using {context}",

@@ -109,8 +109,11 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if self.flash:
             # mask is None (causal or single query over the whole cache), or a bool (B, 1, T, S) "may attend".
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=mask is None and T > 1, enable_gqa=True)
+            # A branch, not a bool expression: under torch.compile(dynamic=True) `T > 1` is symbolic, which SDPA's
+            # is_causal does not take.
+            causal = True if mask is None and T > 1 else False  # noqa: SIM210
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                               enable_gqa=True)
         else:
             y = self.plain_attention(q, k, v, mask, dropout)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                          # (B, T, dim)

@@ -6,8 +6,11 @@ Both run greedy decoding of exactly --new_tokens tokens (EOS stopping off for bo
 the same weights: the model (random init, or --model_path) is exported with export_hf.py and loaded back with
 `AutoModelForCausalLM.from_pretrained`. Prefill = the first new token (prompt forward + one step); decode = every
 later token. Runs alternate ours / transformers after a warm-up run; the table shows medians and the ratio.
+--compile adds our model under torch.compile(dynamic=True) (eval_model.py --compile); its warm-up run compiles it.
 """
 import argparse
+import copy
+import functools
 import os
 import statistics
 import sys
@@ -72,22 +75,20 @@ def run_hf(hf, prompt, new_tokens):
     return timing.result(*prompt.shape), out[:, prompt.shape[1]:]
 
 
-def measure(model, hf, batch, args):
-    """Median prefill/decode tokens/s of each implementation over args.runs alternating runs (after a warm-up)."""
-    prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len),
-                           generator=torch.Generator().manual_seed(batch))
-    results = {"ours": [], "transformers": []}
+def measure(impls, batch, args):
+    """Median prefill/decode tokens/s of each implementation over args.runs alternating runs (after a warm-up, which
+    also compiles the compiled model), and whether each gave transformers' tokens."""
+    prompt = torch.randint(0, args.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+    results, tokens = {name: [] for name in impls}, {}
     with torch.no_grad():
         for run in range(args.runs + 1):
-            ours, our_tokens = run_ours(model, prompt, args.new_tokens)
-            theirs, their_tokens = run_hf(hf, prompt, args.new_tokens)
-            if ours["tokens"] != args.new_tokens or their_tokens.shape[1] != args.new_tokens:
-                raise RuntimeError(f"expected {args.new_tokens} new tokens, got {ours['tokens']} (ours) and "
-                                   f"{their_tokens.shape[1]} (transformers)")
-            if run > 0:  # run 0 is the warm-up
-                results["ours"].append(ours)
-                results["transformers"].append(theirs)
-    same = torch.equal(our_tokens, their_tokens)
+            for name, generate in impls.items():
+                result, tokens[name] = generate(prompt, args.new_tokens)
+                if tokens[name].shape[1] != args.new_tokens:
+                    raise RuntimeError(f"expected {args.new_tokens} new tokens, got {tokens[name].shape[1]} ({name})")
+                if run > 0:
+                    results[name].append(result)
+    same = {name: torch.equal(t, tokens["transformers"]) for name, t in tokens.items()}
     medians = {name: {k: statistics.median(r[k] for r in runs) for k in ("prefill", "decode")}
                for name, runs in results.items()}
     return medians, same
@@ -116,6 +117,7 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=5, help="measured runs per implementation (after one warm-up)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--compile", action="store_true", help="also time a torch.compile(dynamic=True) copy of ours")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
@@ -124,22 +126,30 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as workdir:
         model, hf = build_models(args, workdir)
-        report(model, hf, args)
+        args.vocab_size = model.config.vocab_size
+        impls = {"ours": functools.partial(run_ours, model)}
+        if args.compile:
+            compiled = copy.deepcopy(model)
+            compiled.compile(dynamic=True)  # as eval_model.py --compile does
+            impls["ours, compiled"] = functools.partial(run_ours, compiled)
+        impls["transformers"] = functools.partial(run_hf, hf)
+        report(model.config, impls, args)
 
 
-def report(model, hf, args):
+def report(config, impls, args):
     import transformers
-    print(f"\n{args.model_path or args.preset + ' preset'} ({describe(model.config)}), {args.dtype}, prompt "
+    print(f"\n{args.model_path or args.preset + ' preset'} ({describe(config)}), {args.dtype}, prompt "
           f"{args.prompt_len} + {args.new_tokens} new tokens, greedy, median of {args.runs} runs, cpu, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")
-    print("| batch | impl | prefill tok/s | decode tok/s | decode ours/HF | prefill ours/HF | same tokens |")
+    print("| batch | impl | prefill tok/s | decode tok/s | decode vs HF | prefill vs HF | same tokens as HF |")
     print("|---:|---|---:|---:|---:|---:|---|")
     for batch in args.batch_sizes:
-        medians, same = measure(model, hf, batch, args)
-        ours, theirs = medians["ours"], medians["transformers"]
-        ratios = f"{ours['decode'] / theirs['decode']:.2f}× | {ours['prefill'] / theirs['prefill']:.2f}×"
-        print(f"| {batch} | ours | {ours['prefill']:,.0f} | {ours['decode']:,.1f} | {ratios} | {same} |")
-        print(f"| {batch} | transformers | {theirs['prefill']:,.0f} | {theirs['decode']:,.1f} | | | |")
+        medians, same = measure(impls, batch, args)
+        theirs = medians["transformers"]
+        for name, r in medians.items():
+            ratios = " | " if name == "transformers" else \
+                f"{r['decode'] / theirs['decode']:.2f}× | {r['prefill'] / theirs['prefill']:.2f}×"
+            print(f"| {batch} | {name} | {r['prefill']:,.0f} | {r['decode']:,.1f} | {ratios} | {same[name]} |")
 
 
 if __name__ == "__main__":

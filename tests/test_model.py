@@ -131,6 +131,28 @@ def test_greedy_generate_matches_uncached_argmax_and_stream():
     assert torch.equal(model.generate(prompt, 12, temperature=1.0, top_k=1), expected)
 
 
+def test_compiled_generation_equals_eager_without_recompiling_per_step():
+    """eval_model.py --compile: a fixed number of graphs, not one per decode step (the cache length is symbolic),
+    with and without an attention mask."""
+    import copy
+
+    from torch._dynamo.utils import counters
+    model = make_model(seed=3)
+    compiled = copy.deepcopy(model)
+    compiled.compile(dynamic=True)
+    prompt = torch.randint(0, 97, (2, 7))
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0  # a left-padded row: the decode steps carry a growing attention mask
+    torch._dynamo.reset()
+    counters.clear()
+    for attention_mask in (None, mask):
+        expected = model.generate(prompt, 16, attention_mask=attention_mask, temperature=0)
+        assert torch.equal(compiled.generate(prompt, 16, attention_mask=attention_mask, temperature=0), expected)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # Per mask variant: the prefill, the decode steps, and the last step (the one that fills the cache).
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+
+
 def test_max_new_tokens_exact_and_per_row_stop():
     model = make_model(seed=3)
     prompt = torch.randint(0, 97, (2, 5))
