@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 
 from dataset import ROLES, DataError, render_chat
 from lora import load_lora, merge_lora
+from model import compile_for_decoding
 from train_tokenizer import SPECIAL_TOKENS
 from train_utils import ROOT, add_bool_flag, check_tokenizer, load_model
 
@@ -512,7 +513,7 @@ def parse_args(argv=None):
     a("--history_turns", type=int, default=None, help="keep at most this many past turns (default: all that fit)")
     a("--system_prompt", default=None, help="a system message before every conversation")
     add_bool_flag(p, "--compile", help="torch.compile the model (dynamic shapes): the first reply waits for the "
-                  "compilation (about 40 s on 2 CPU cores), later ones decode ~1.3x faster on CPU")
+                  "compilation (about a minute on 2 CPU cores), later ones decode ~1.4x faster on CPU")
     add_bool_flag(p, "--show_speed", help="print prefill and decode tokens/s after each reply (stderr)")
     a("--prompt", action="append", default=None, help="answer this prompt and exit (repeatable)")
     a("--prompts_file", default=None, help="answer every prompt in this file and exit: one per line, or JSONL "
@@ -531,7 +532,7 @@ def build_session(args):
     check_tokenizer(meta, args.tokenizer_path, path)
     warn_ignored_shape(args, model.config)
     if args.compile:
-        model.compile(dynamic=True)  # in place: generate_stream's self(...) calls run the compiled forward
+        compile_for_decoding(model)
     context = model.config.max_seq_len
     if args.max_seq_len is not None and args.max_seq_len > context:
         print(f"warning: --max_seq_len {args.max_seq_len} exceeds the model's context {context}; using {context}",

@@ -331,6 +331,14 @@ class Transformer(nn.Module):
                 attention_mask = torch.cat((attention_mask, attention_mask.new_ones(B, 1)), dim=1)
 
 
+def compile_for_decoding(model):
+    """Compile `model` in place for generate_stream: dynamic shapes, so one graph serves every cache length; on CPU
+    the C++ wrapper launches the kernels without Python in between (decoding ~7% faster, compiling ~20 s longer)."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    model.compile(dynamic=True, options={"cpp_wrapper": True} if on_cpu else None)
+    return model
+
+
 def process_logits(logits, seen, temperature, top_k, top_p, repetition_penalty):
     """Repetition penalty, temperature, top-k, top-p on (B, vocab) float logits, in that order (as transformers)."""
     if repetition_penalty != 1.0:

@@ -6,7 +6,8 @@ Both run greedy decoding of exactly --new_tokens tokens (EOS stopping off for bo
 the same weights: the model (random init, or --model_path) is exported with export_hf.py and loaded back with
 `AutoModelForCausalLM.from_pretrained`. Prefill = the first new token (prompt forward + one step); decode = every
 later token. Runs alternate ours / transformers after a warm-up run; the table shows medians and the ratio.
---compile adds our model under torch.compile(dynamic=True) (eval_model.py --compile); its warm-up run compiles it.
+--compile adds our model compiled as eval_model.py --compile does (model.compile_for_decoding); its warm-up run
+compiles it.
 """
 import argparse
 import copy
@@ -24,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 from Config import PRESETS, describe, get_config  # noqa: E402
 from export_hf import export_hf  # noqa: E402
-from model import Transformer  # noqa: E402
+from model import Transformer, compile_for_decoding  # noqa: E402
 from train_utils import load_model  # noqa: E402
 
 
@@ -117,7 +118,7 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=5, help="measured runs per implementation (after one warm-up)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--compile", action="store_true", help="also time a torch.compile(dynamic=True) copy of ours")
+    p.add_argument("--compile", action="store_true", help="also time a compiled copy of ours")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
@@ -129,9 +130,7 @@ def main(argv=None):
         args.vocab_size = model.config.vocab_size
         impls = {"ours": functools.partial(run_ours, model)}
         if args.compile:
-            compiled = copy.deepcopy(model)
-            compiled.compile(dynamic=True)  # as eval_model.py --compile does
-            impls["ours, compiled"] = functools.partial(run_ours, compiled)
+            impls["ours, compiled"] = functools.partial(run_ours, compile_for_decoding(copy.deepcopy(model)))
         impls["transformers"] = functools.partial(run_hf, hf)
         report(model.config, impls, args)
 

@@ -20,6 +20,7 @@ import eval_model
 import eval_ppl
 from dataset import DataError, encode_chat
 from lora import apply_lora, merge_lora, save_lora
+from model import Transformer
 from train_utils import save_final
 
 CONTEXT = 128
@@ -175,6 +176,18 @@ def test_quantize_flag_runs_the_quantized_model(saved, tokenizer, capsys, monkey
     ids = chat_ids(tokenizer, [{"role": "user", "content": "cats"}])
     expected = greedy(quantize_model(copy.deepcopy(saved["model"]), "int4"), ids, 8, stops(tokenizer))
     assert calls == ["int4"] and row["text"] == reply_text(tokenizer, expected, stops(tokenizer))
+
+
+def test_compile_flag_compiles_the_served_model(saved, tokenizer, capsys, monkeypatch):
+    """The wiring only: compiled generation itself is tested against eager in test_model.py."""
+    compiled = []
+    monkeypatch.setattr(eval_model, "compile_for_decoding", compiled.append)
+    eval_model.main(greedy_args(saved, "--compile", "--max_new_tokens", "8", "--output_format", "jsonl",
+                                "--prompt", "cats"))
+    row = json.loads(capsys.readouterr().out)
+    assert len(compiled) == 1 and isinstance(compiled[0], Transformer)
+    ids = chat_ids(tokenizer, [{"role": "user", "content": "cats"}])
+    assert row["text"] == reply_text(tokenizer, greedy(saved["model"], ids, 8, stops(tokenizer)), stops(tokenizer))
 
 
 # --------------------------------------------------------------------------------------------- reusable pieces

@@ -6,7 +6,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from Config import LLMConfig
-from model import KVCache, MoEFeedForward, Transformer, process_logits, weighted_cross_entropy
+from model import (KVCache, MoEFeedForward, Transformer, compile_for_decoding, process_logits,
+                   weighted_cross_entropy)
 
 
 def small_config(**kw):
@@ -138,8 +139,7 @@ def test_compiled_generation_equals_eager_without_recompiling_per_step():
 
     from torch._dynamo.utils import counters
     model = make_model(seed=3)
-    compiled = copy.deepcopy(model)
-    compiled.compile(dynamic=True)
+    compiled = compile_for_decoding(copy.deepcopy(model))
     prompt = torch.randint(0, 97, (2, 7))
     mask = torch.ones_like(prompt)
     mask[1, :3] = 0  # a left-padded row: the decode steps carry a growing attention mask
