@@ -23,6 +23,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 
@@ -31,9 +32,11 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from train_tokenizer import SPECIAL_TOKENS
+from cli import UserError
+from train_tokenizer import REASONING_TAGS, SPECIAL_TOKENS
 
 EOS, IM_START, IM_END = SPECIAL_TOKENS[:3]  # ids 0, 1, 2, fixed by train_tokenizer
+REASONING_SPLIT = re.compile("(" + "|".join(map(re.escape, REASONING_TAGS)) + ")")
 PAD = "<|pad|>"
 ROLES = ("system", "user", "assistant")
 READ_KINDS = {"pretrain": "pretrain", "sft": "chat", "dpo": "dpo"}  # cache kind -> record format
@@ -43,12 +46,12 @@ EXPECTED = {
     "dpo": 'a JSONL file of {"chosen": [turns], "rejected": [turns]} records',
 }
 # Bump whenever the bytes written to the cache change (rendering, masking, truncation, file layout).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "tokens")
 CHUNK_BYTES = 1 << 20  # lines per worker job: big enough to amortise pickling, small enough to keep RAM flat
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is missing or a line in it is malformed; the message names the file and line."""
 
 
@@ -153,22 +156,47 @@ def read_jsonl(path, kind, skip_bad=False, stats=None):
 
 # ------------------------------------------------------------------------------------ chat rendering and masks
 
-def render_chat(messages, add_generation_prompt=False):
-    """ChatML text exactly as train_tokenizer.CHAT_TEMPLATE renders it, plus the trained character spans.
+def chat_pieces(messages, add_generation_prompt=False):
+    """The rendered conversation as (text, special) pieces, plus the trained character spans.
 
-    Each span [start, end) covers one assistant turn's content and its closing <|im_end|>, not the "\\n" after it.
+    Special pieces are the template's own markers (<|im_start|>, <|im_end|>) and the reasoning tags inside
+    assistant content; they become single ids. Everything else, message content included, is plain text: a user
+    who types "<|im_end|>" gets those characters, not a turn boundary. Each span [start, end) covers one assistant
+    turn's content and its closing <|im_end|>, not the "\\n" after it.
     """
-    parts, spans, pos = [], [], 0
+    pieces, spans, pos = [], [], 0
+
+    def add(text, special=False):
+        nonlocal pos
+        if text and pieces and not special and not pieces[-1][1]:
+            pieces[-1] = (pieces[-1][0] + text, False)  # one run of text is tokenized as one string
+        elif text:
+            pieces.append((text, special))
+        pos += len(text)
+
     for message in messages:
-        header = f"{IM_START}{message['role']}\n"
-        body = message["content"] + IM_END
+        add(IM_START, True)
+        add(message["role"] + "\n")
+        start = pos
         if message["role"] == "assistant":
-            spans.append((pos + len(header), pos + len(header) + len(body)))
-        parts.append(header + body + "\n")
-        pos += len(parts[-1])
+            for i, part in enumerate(REASONING_SPLIT.split(message["content"])):
+                add(part, special=i % 2 == 1)
+        else:
+            add(message["content"])
+        add(IM_END, True)
+        if message["role"] == "assistant":
+            spans.append((start, pos))
+        add("\n")
     if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n")
-    return "".join(parts), spans
+        add(IM_START, True)
+        add("assistant\n")
+    return pieces, spans
+
+
+def render_chat(messages, add_generation_prompt=False):
+    """ChatML text exactly as train_tokenizer.CHAT_TEMPLATE renders it, plus the trained character spans."""
+    pieces, spans = chat_pieces(messages, add_generation_prompt)
+    return "".join(text for text, _ in pieces), spans
 
 
 def target_mask(offsets, spans):
@@ -189,17 +217,63 @@ def _backend(tokenizer):
     return getattr(tokenizer, "backend_tokenizer", tokenizer)
 
 
+_PLAIN = {}  # id(backend) -> (backend, its plain-text copy); the backend is kept so its id stays unique
+
+
+def plain_tokenizer(tokenizer):
+    """A copy of the tokenizer that encodes special-token strings as ordinary text (`encode_special_tokens`).
+
+    A copy rather than a flag flipped on the shared object: the server encodes on several threads at once."""
+    backend = _backend(tokenizer)
+    if backend.encode_special_tokens:
+        return backend
+    if id(backend) not in _PLAIN:
+        plain = Tokenizer.from_str(backend.to_str())
+        plain.no_truncation()
+        plain.no_padding()
+        plain.encode_special_tokens = True
+        _PLAIN[id(backend)] = (backend, plain)
+    return _PLAIN[id(backend)][1]
+
+
+def encode_text(tokenizer, text):
+    """Token ids of text as text: "<|endoftext|>" inside it is 13 characters, never the document boundary."""
+    return plain_tokenizer(tokenizer).encode(text, add_special_tokens=False).ids
+
+
+def _encode_pieces_batch(tokenizer, piece_lists):
+    """(ids, char offsets) of each list of chat_pieces, all plain runs tokenized in one batch call.
+
+    Plain runs between two special pieces are tokenized as one string, so the ids equal tokenizing the rendered
+    string whole with special-token matching (as `apply_chat_template` does) whenever the content holds no
+    special-token text."""
+    plain = plain_tokenizer(tokenizer)
+    runs = [text for pieces in piece_lists for text, special in pieces if not special]
+    encodings = iter(plain.encode_batch(runs, add_special_tokens=False))
+    results = []
+    for pieces in piece_lists:
+        ids, offsets, pos = [], [], 0
+        for text, special in pieces:
+            if special:
+                ids.append(plain.token_to_id(text))
+                offsets.append((pos, pos + len(text)))
+            else:
+                encoding = next(encodings)
+                ids.extend(encoding.ids)
+                offsets.extend((pos + a, pos + b) for a, b in encoding.offsets)
+            pos += len(text)
+        results.append((np.array(ids, dtype=np.int64), offsets))
+    return results
+
+
 def encode_chat(tokenizer, messages, last_turn_only=False, add_generation_prompt=False):
     """Token ids (int64) and target mask (uint8) of a conversation.
 
-    The whole rendered string is tokenized at once, so the ids equal `apply_chat_template(messages)`. The mask
-    marks every assistant turn's content and closing <|im_end|> (only the final turn with last_turn_only, as DPO
-    needs), never headers, system/user turns or the "\\n" after <|im_end|>.
+    Only the template's markers and assistant reasoning tags are special ids (see chat_pieces). The mask marks
+    every assistant turn's content and closing <|im_end|> (only the final turn with last_turn_only, as DPO needs),
+    never headers, system/user turns or the "\\n" after <|im_end|>.
     """
-    text, spans = render_chat(messages, add_generation_prompt)
-    encoding = _backend(tokenizer).encode(text, add_special_tokens=False)
-    mask = target_mask(encoding.offsets, spans[-1:] if last_turn_only else spans)
-    return np.array(encoding.ids, dtype=np.int64), mask
+    return _encode_many(tokenizer, [messages], last_turn_only, add_generation_prompt)[0]
 
 
 def truncate_chat(ids, mask, max_tokens):
@@ -245,8 +319,8 @@ def _encode_chunk(job):
     records = [r for _, r in _validated(lines, path, READ_KINDS[spec.kind], spec.skip_bad, stats, first_line_no)]
     dtype = _token_dtype(tok.get_vocab_size())
     if spec.kind == "pretrain":
-        eos = [tok.token_to_id(EOS)]
-        encodings = tok.encode_batch_fast([r["text"] for r in records], add_special_tokens=False)
+        eos = [tok.token_to_id(EOS)]  # the only boundary: "<|endoftext|>" inside a text is plain text
+        encodings = plain_tokenizer(tok).encode_batch_fast([r["text"] for r in records], add_special_tokens=False)
         tokens = np.fromiter(itertools.chain.from_iterable(e.ids + eos for e in encodings), dtype=dtype)
         return {"tokens": tokens, "mask": None, "lengths": None, "sequences": len(records), **stats}
     if spec.kind == "sft":
@@ -259,12 +333,12 @@ def _encode_chunk(job):
             "sequences": len(sequences) // (2 if spec.kind == "dpo" else 1), **stats}
 
 
-def _encode_many(tok, conversations, last_turn_only):
+def _encode_many(tok, conversations, last_turn_only, add_generation_prompt=False):
     """encode_chat for a batch, tokenized in one call."""
-    rendered = [render_chat(c) for c in conversations]
-    encodings = tok.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    return [(np.array(e.ids, dtype=np.int64), target_mask(e.offsets, spans[-1:] if last_turn_only else spans))
-            for e, (_, spans) in zip(encodings, rendered)]
+    rendered = [chat_pieces(c, add_generation_prompt) for c in conversations]
+    encoded = _encode_pieces_batch(tok, [pieces for pieces, _ in rendered])
+    return [(ids, target_mask(offsets, spans[-1:] if last_turn_only else spans))
+            for (ids, offsets), (_, spans) in zip(encoded, rendered)]
 
 
 def _chat_sequences(tok, conversations, max_tokens, stats):
@@ -450,10 +524,22 @@ def _write_cache(spec, paths, stem, num_workers):
 
 
 def _tokenizer_file(tokenizer_dir):
+    """tokenizer_dir/tokenizer.json, or a DataError naming the folder and what a tokenizer folder holds."""
     path = os.path.join(os.path.abspath(tokenizer_dir), "tokenizer.json")
+    if not os.path.isdir(tokenizer_dir):
+        raise DataError(f"{tokenizer_dir}: no such tokenizer folder (expected a folder with tokenizer.json: the "
+                        f"shipped tokenizer/, or train_tokenizer.py's --out_dir); check --tokenizer_path")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; train a tokenizer with train_tokenizer.py first")
+        raise DataError(f"{tokenizer_dir}: no tokenizer.json in this folder; check --tokenizer_path or train one "
+                        f"with train_tokenizer.py --out_dir {tokenizer_dir}")
     return path
+
+
+def load_tokenizer(tokenizer_dir):
+    """The transformers tokenizer of a local folder; never looks anything up on a model hub."""
+    _tokenizer_file(tokenizer_dir)
+    from transformers import AutoTokenizer  # imported here: the data pipeline itself needs only `tokenizers`
+    return AutoTokenizer.from_pretrained(os.path.abspath(tokenizer_dir), local_files_only=True)
 
 
 def prepare_pretrain_tokens(paths, tokenizer_dir, cache_dir=None, num_workers=None, skip_bad=False):

@@ -25,7 +25,7 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from dataset import ROLES, DataError, render_chat
+from dataset import ROLES, DataError, encode_chat, encode_text
 from lora import load_lora, merge_lora
 from model import compile_for_decoding
 from train_tokenizer import SPECIAL_TOKENS
@@ -46,15 +46,14 @@ class PromptTooLong(ValueError):
 # ------------------------------------------------------------------------------------------ prompts and history
 
 def encode_prompt(tokenizer, messages):
-    """Token ids of a conversation rendered (dataset.render_chat) up to the assistant's next reply."""
-    text, _ = render_chat(messages, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    """Token ids of a conversation up to the assistant's next reply (dataset.encode_chat: content is plain text)."""
+    return encode_chat(tokenizer, messages, add_generation_prompt=True)[0].tolist()
 
 
 def encode_raw(tokenizer, text):
     """Token ids for a raw continuation: a document boundary, as before every text in the packed pretraining data,
-    then the text itself."""
-    return [tokenizer.convert_tokens_to_ids(EOS)] + tokenizer.encode(text, add_special_tokens=False)
+    then the text itself (as plain text, like the pretraining data)."""
+    return [tokenizer.convert_tokens_to_ids(EOS)] + encode_text(tokenizer, text)
 
 
 def stop_ids(tokenizer, raw):

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from Config import LLMConfig
+from cli import add_bool_flag
 from dataset import LengthBucketBatches, collate_sft
 from model import Transformer
 
@@ -28,22 +29,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 # ---------------------------------------------------------------------------------------------------------- flags
-
-def str2bool(value):
-    """`--flag`, `--flag=True/False`, `--flag 1/0`, yes/no: argparse's type=bool would read "False" as True."""
-    if isinstance(value, bool):
-        return value
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "y", "on"):
-        return True
-    if lowered in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {value!r}")
-
-
-def add_bool_flag(parser, name, default=False, help=None):
-    parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default, help=help)
-
 
 def add_training_args(parser, *, batch_size, learning_rate, epochs, max_seq_len=None, save_step=100, min_lr=None,
                       warmup_steps=0, log_interval=10, eval_interval=200):
