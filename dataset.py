@@ -8,7 +8,7 @@ Formats, one JSON object per line (blank lines are ignored):
     DPO                 {"chosen": [turns], "rejected": [turns]}, both sharing every turn but the final assistant one
 
 Each dataset validates and tokenizes its files once, in worker processes, into flat files under `.cache/tokens`
-(tokens, plus a loss mask and sequence offsets for chat data), keyed by a fingerprint of the files, the tokenizer and
+(tokens, plus a loss mask and sequence offsets for chat data), keyed by a hash of the files' bytes, the tokenizer and
 every parameter that changes the output. Training reads memory-mapped slices, so RAM stays flat as the data grows.
 
 Mask convention: mask[i] == 1 means token i is a training target (predicted from position i - 1). The collate
@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -47,8 +46,23 @@ EXPECTED = {
 }
 # Bump whenever the bytes written to the cache change (rendering, masking, truncation, file layout).
 FORMAT_VERSION = 2
+META_KEYS = ("format", "kind", "dtype", "tokens", "max_seq_len", "pad_id", "sequences", "skipped", "truncated",
+             "dropped", "first_problem", "sources")
 DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "tokens")
 CHUNK_BYTES = 1 << 20  # lines per worker job: big enough to amortise pickling, small enough to keep RAM flat
+LONG_TEXT_CHARS = 1 << 20  # longer texts are tokenized in pieces: one 50 MB record must not need gigabytes of RAM
+# Where train_tokenizer.SPLIT_PATTERN always splits (no pre-token spans these positions): after a newline before a
+# non-space, before a space after a non-space, before CJK punctuation after a CJK character. Pieces cut there
+# tokenize to exactly the ids of the whole text.
+SAFE_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= )|(?<=[\u4e00-\u9fff])(?=[，。！？；：、])")
+SKIP_HINT = " (or --skip_bad_lines to skip bad lines)"
+# A field that gives away another stage's format -> (that format, the hint naming the script that trains on it).
+OTHER_FORMATS = {
+    "conversations": ("chat", "looks like conversations (SFT/reasoning data): use SFT.py or distill.py"),
+    "text": ("pretrain", "looks like pretraining text: use pretrain.py"),
+    "chosen": ("dpo", "looks like DPO pairs: use dpo.py"),
+    "rejected": ("dpo", "looks like DPO pairs: use dpo.py"),
+}
 
 
 class DataError(UserError, ValueError):
@@ -77,21 +91,29 @@ def conversation_problem(turns):
     return None
 
 
+def _format_hint(record, kind):
+    """"; looks like DPO pairs: use dpo.py" when the record has another format's field, else ""."""
+    for field, (other, hint) in OTHER_FORMATS.items():
+        if other != kind and field in record:
+            return f"; {hint}"
+    return ""
+
+
 def record_problem(record, kind):
     """Why a parsed JSON value is not a valid record of `kind` ("pretrain", "chat" or "dpo"), or None."""
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
     if kind == "pretrain":
         if not isinstance(record.get("text"), str):
-            return "missing or non-string field 'text'"
+            return "missing or non-string field 'text'" + _format_hint(record, kind)
         return None if record["text"].strip() else "empty text"
     if kind == "chat":
         if "conversations" not in record:
-            return "missing field 'conversations'"
+            return "missing field 'conversations'" + _format_hint(record, kind)
         return conversation_problem(record["conversations"])
     for side in ("chosen", "rejected"):
         if side not in record:
-            return f"missing field '{side}'"
+            return f"missing field '{side}'" + _format_hint(record, kind)
         problem = conversation_problem(record[side])
         if problem:
             return f"{side}: {problem}"
@@ -112,8 +134,9 @@ def _parse_line(line, kind):
     return (None, problem) if problem else (record, None)
 
 
-def _validated(lines, path, kind, skip_bad, stats, first_line_no=1):
-    """Yield (line_no, record) for the valid non-blank lines; count (skip_bad) or raise on the bad ones."""
+def _validated(lines, path, kind, skip_bad, stats, first_line_no=1, hint=""):
+    """Yield (line_no, record) for the valid non-blank lines; count (skip_bad) or raise on the bad ones, the error
+    ending with `hint`."""
     for line_no, line in enumerate(lines, first_line_no):
         if not line.strip():
             continue
@@ -123,16 +146,27 @@ def _validated(lines, path, kind, skip_bad, stats, first_line_no=1):
             continue
         message = f"{path}:{line_no}: {problem}"
         if not skip_bad:
-            raise DataError(message)
+            raise DataError(message + hint)
         stats["skipped"] = stats.get("skipped", 0) + 1
         stats.setdefault("first_problem", message)
 
 
 def _check_source(path, kind):
+    """A DataError naming the path and the expected format unless it is a file with a non-blank line."""
     if kind not in EXPECTED:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(EXPECTED)}")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a file; expected {EXPECTED[kind]}")
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found; expected {EXPECTED[kind]}")
+    if _is_blank(path):
+        raise DataError(f"{path}: empty file (expected {EXPECTED[kind]})")
+
+
+def _is_blank(path):
+    """True for a file of whitespace only; reads up to its first non-blank block."""
+    with open(path, "rb") as f:
+        return not any(block.strip() for block in iter(lambda: f.read(1 << 16), b""))
 
 
 def _warn_skipped(skipped, first_problem):
@@ -241,6 +275,38 @@ def encode_text(tokenizer, text):
     return plain_tokenizer(tokenizer).encode(text, add_special_tokens=False).ids
 
 
+def _text_pieces(text):
+    """Yield (start, piece): the text cut at the first SAFE_CUT after every LONG_TEXT_CHARS characters."""
+    start = 0
+    while len(text) - start > LONG_TEXT_CHARS:
+        cut = SAFE_CUT.search(text, start + LONG_TEXT_CHARS)
+        if cut is None:  # no safe place left: the rest stays whole
+            break
+        yield start, text[start:cut.start()]
+        start = cut.start()
+    yield start, text[start:]
+
+
+def _encode_plain(plain, texts, with_offsets=False, dtype=np.int64):
+    """Yield (ids, char offsets (n, 2) or None) of each text, encoded as plain text by the `plain` tokenizer.
+
+    Texts up to LONG_TEXT_CHARS go through one batch call; a longer one is tokenized piece by piece (same ids,
+    see SAFE_CUT), so memory is bounded by a piece rather than by the record."""
+    encode = plain.encode_batch if with_offsets else plain.encode_batch_fast  # fast: no offsets
+    short = iter(encode([t for t in texts if len(t) <= LONG_TEXT_CHARS], add_special_tokens=False))
+    for text in texts:
+        if len(text) <= LONG_TEXT_CHARS:
+            pieces = [(0, next(short))]
+        else:
+            pieces = ((start, encode([piece], add_special_tokens=False)[0]) for start, piece in _text_pieces(text))
+        ids, offsets = [], []
+        for start, encoding in pieces:
+            ids.append(np.array(encoding.ids, dtype=dtype))
+            if with_offsets:
+                offsets.append(np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2) + start)
+        yield np.concatenate(ids), np.concatenate(offsets) if with_offsets else None
+
+
 def _encode_pieces_batch(tokenizer, piece_lists):
     """(ids, char offsets) of each list of chat_pieces, all plain runs tokenized in one batch call.
 
@@ -248,21 +314,20 @@ def _encode_pieces_batch(tokenizer, piece_lists):
     string whole with special-token matching (as `apply_chat_template` does) whenever the content holds no
     special-token text."""
     plain = plain_tokenizer(tokenizer)
-    runs = [text for pieces in piece_lists for text, special in pieces if not special]
-    encodings = iter(plain.encode_batch(runs, add_special_tokens=False))
+    runs = _encode_plain(plain, [text for pieces in piece_lists for text, special in pieces if not special],
+                         with_offsets=True)
     results = []
     for pieces in piece_lists:
         ids, offsets, pos = [], [], 0
         for text, special in pieces:
             if special:
-                ids.append(plain.token_to_id(text))
-                offsets.append((pos, pos + len(text)))
+                piece_ids, piece_offsets = np.array([plain.token_to_id(text)]), np.array([[0, len(text)]])
             else:
-                encoding = next(encodings)
-                ids.extend(encoding.ids)
-                offsets.extend((pos + a, pos + b) for a, b in encoding.offsets)
+                piece_ids, piece_offsets = next(runs)
+            ids.append(piece_ids)
+            offsets.append(piece_offsets + pos)
             pos += len(text)
-        results.append((np.array(ids, dtype=np.int64), offsets))
+        results.append((np.concatenate(ids), np.concatenate(offsets)))
     return results
 
 
@@ -316,12 +381,13 @@ def _encode_chunk(job):
     spec, path, first_line_no, lines = job
     tok = _load_tokenizer(spec.tokenizer_file)
     stats = collections.Counter()
-    records = [r for _, r in _validated(lines, path, READ_KINDS[spec.kind], spec.skip_bad, stats, first_line_no)]
+    records = [r for _, r in _validated(lines, path, READ_KINDS[spec.kind], spec.skip_bad, stats, first_line_no,
+                                        hint=SKIP_HINT)]
     dtype = _token_dtype(tok.get_vocab_size())
     if spec.kind == "pretrain":
-        eos = [tok.token_to_id(EOS)]  # the only boundary: "<|endoftext|>" inside a text is plain text
-        encodings = plain_tokenizer(tok).encode_batch_fast([r["text"] for r in records], add_special_tokens=False)
-        tokens = np.fromiter(itertools.chain.from_iterable(e.ids + eos for e in encodings), dtype=dtype)
+        eos = np.array([tok.token_to_id(EOS)], dtype=dtype)  # the only boundary: "<|endoftext|>" in a text is text
+        docs = _encode_plain(plain_tokenizer(tok), [r["text"] for r in records], dtype=dtype)
+        tokens = np.concatenate([part for ids, _ in docs for part in (ids, eos)] or [np.zeros(0, dtype)])
         return {"tokens": tokens, "mask": None, "lengths": None, "sequences": len(records), **stats}
     if spec.kind == "sft":
         sequences = _chat_sequences(tok, [r["conversations"] for r in records], spec.max_seq_len + 1, stats)
@@ -397,9 +463,18 @@ def _ordered_map(fn, jobs, num_workers):
         for job in jobs:
             pending.append(pool.apply_async(fn, (job,)))
             if len(pending) >= 2 * num_workers:
-                yield pending.popleft().get()
+                yield _worker_result(pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield _worker_result(pending.popleft())
+
+
+def _worker_result(result):
+    """A worker's return value. Its DataError is raised again as one line, without the chained
+    multiprocessing.pool.RemoteTraceback (the worker's stack says nothing about the user's data)."""
+    try:
+        return result.get()
+    except DataError as e:
+        raise DataError(str(e)) from None
 
 
 @contextlib.contextmanager
@@ -418,19 +493,26 @@ def _single_threaded_tokenizers():
 
 
 def _sha256(path):
-    h = hashlib.sha256()
+    """SHA-256 of a file's bytes: about 1.4 s per GB on one core here (blake2b: 2.7 s, sha1: 1.6 s)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _fingerprint(spec, paths):
-    """Cache key: format version, parameters, each file's identity (path, size, mtime) and the tokenizer's hash."""
-    files = [[p, st.st_size, st.st_mtime_ns] for p, st in zip(paths, map(os.stat, paths))]
+def _digest(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _keys(spec, paths):
+    """(fingerprint, cache key), from one hash of each data file's bytes.
+
+    The fingerprint identifies the data by content alone (a moved file keeps it, a same-size edit with its mtime
+    restored does not). The cache key adds the absolute paths, the tokenizer's hash and every parameter that
+    changes the cache's bytes."""
+    digests = [_sha256(p) for p in paths]
+    fingerprint = _digest({"kind": spec.kind, "files": digests})
     key = {"format": FORMAT_VERSION, "kind": spec.kind, "skip_bad": spec.skip_bad, "max_seq_len": spec.max_seq_len,
-           "files": files, "tokenizer": _sha256(spec.tokenizer_file)}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+           "files": [list(pair) for pair in zip(paths, digests)], "tokenizer": _sha256(spec.tokenizer_file)}
+    return fingerprint, _digest(key)[:20]
 
 
 def _cache_files(stem, kind):
@@ -440,13 +522,31 @@ def _cache_files(stem, kind):
     return files
 
 
+def _read_meta(path):
+    """(metadata, None), or (None, why the file is no usable cache metadata)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:  # empty, truncated, not JSON or not UTF-8
+        return None, f"unreadable cache metadata ({e})"
+    if not isinstance(meta, dict) or not set(META_KEYS) <= meta.keys():
+        return None, "cache metadata without its fields"
+    if meta["format"] != FORMAT_VERSION or meta["dtype"] not in ("uint16", "uint32") or \
+            not isinstance(meta["tokens"], int):
+        return None, "cache metadata of another format"
+    return meta, None
+
+
 def _load_meta(stem, kind):
     """The metadata of a complete cache, or None. The metadata file is written last, so a preparation that was
-    killed leaves no metadata (or, with the files damaged since, a size that does not match) and is redone."""
+    killed leaves no metadata (or, with the files damaged since, a size that does not match) and is redone; so is
+    one whose metadata file is damaged (with a note saying so)."""
     if not os.path.exists(stem + ".json"):
         return None
-    with open(stem + ".json", encoding="utf-8") as f:
-        meta = json.load(f)
+    meta, problem = _read_meta(stem + ".json")
+    if problem:
+        print(f"note: {stem}.json: {problem}; tokenizing again", file=sys.stderr)
+        return None
     files = _cache_files(stem, kind)
     expected = {"tokens": meta["tokens"] * np.dtype(meta["dtype"]).itemsize, "mask": meta["tokens"]}
     if any(not os.path.exists(p) or (name in expected and os.path.getsize(p) != expected[name])
@@ -465,14 +565,16 @@ def _write_json(path, obj):
 def _prepare(spec, paths, cache_dir, num_workers):
     """Tokenize `paths` into the cache unless a complete cache with the same fingerprint exists.
 
-    Returns (stem, meta); the cache files are stem + ".tokens.bin" (and ".mask.bin", ".offsets.npy" for chat).
+    Returns (stem, meta, fingerprint); the cache files are stem + ".tokens.bin" (and ".mask.bin", ".offsets.npy"
+    for chat), the fingerprint identifies the data files by content (see _keys).
     Under DDP, prepare on one rank first (then barrier) so the other ranks find the cache instead of redoing it.
     """
     paths = [os.path.abspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     for path in paths:
         _check_source(path, READ_KINDS[spec.kind])
     cache_dir = os.path.abspath(cache_dir or DEFAULT_CACHE_DIR)
-    stem = os.path.join(cache_dir, f"{spec.kind}-{_fingerprint(spec, paths)}")
+    fingerprint, key = _keys(spec, paths)
+    stem = os.path.join(cache_dir, f"{spec.kind}-{key}")
     meta = _load_meta(stem, spec.kind)
     if meta is None:
         os.makedirs(cache_dir, exist_ok=True)
@@ -485,7 +587,7 @@ def _prepare(spec, paths, cache_dir, num_workers):
           f"{meta['truncated']} truncated, {meta['dropped']} dropped (too long), {meta['skipped']} bad lines skipped "
           f"({source}: {stem}.*)")
     _warn_skipped(meta["skipped"], meta["first_problem"])
-    return stem, meta
+    return stem, meta, fingerprint
 
 
 def _write_cache(spec, paths, stem, num_workers):
@@ -549,7 +651,7 @@ def prepare_pretrain_tokens(paths, tokenizer_dir, cache_dir=None, num_workers=No
     tokenizer and skip_bad stay the same. num_workers processes (default: CPU count, at most 8) tokenize chunks.
     """
     spec = _Spec("pretrain", _tokenizer_file(tokenizer_dir), skip_bad, None)
-    stem, _ = _prepare(spec, paths, cache_dir, num_workers)
+    stem, _, _ = _prepare(spec, paths, cache_dir, num_workers)
     return stem + ".tokens.bin"
 
 
@@ -557,10 +659,10 @@ def prepare_pretrain_tokens(paths, tokenizer_dir, cache_dir=None, num_workers=No
 
 class _CachedDataset(Dataset):
     """A prepared cache, memory-mapped lazily: DataLoader workers then map the files themselves instead of being
-    sent a pickled copy of every token."""
+    sent a pickled copy of every token. `fingerprint` names the data files' content (equal means the same data)."""
 
     def __init__(self, spec, paths, cache_dir, num_workers):
-        self.stem, self.meta = _prepare(spec, paths, cache_dir, num_workers)
+        self.stem, self.meta, self.fingerprint = _prepare(spec, paths, cache_dir, num_workers)
         self.kind, self.pad_id = spec.kind, self.meta["pad_id"]
         self.stats = {k: self.meta[k] for k in ("sequences", "tokens", "skipped", "truncated", "dropped")}
         self._arrays = None
@@ -586,6 +688,20 @@ class _CachedDataset(Dataset):
                 torch.from_numpy(a["mask"][start:end].copy()))
 
 
+def _skipped_note(meta):
+    return f" ({meta['skipped']} bad line(s) skipped, the first: {meta['first_problem']})" if meta["skipped"] else ""
+
+
+def _none_left(meta, items, too_long):
+    """The DataError for chat data that left no sequence: why, with the counts and the --max_seq_len it used."""
+    reasons = []
+    if meta["dropped"]:
+        reasons.append(f"all {meta['dropped']} {items} {too_long.format(meta['max_seq_len'])}: raise --max_seq_len")
+    if meta["skipped"]:
+        reasons.append(f"{meta['skipped']} bad line(s) skipped, the first: {meta['first_problem']}")
+    return DataError(f"{', '.join(meta['sources'])}: no {items} left: {'; '.join(reasons)}")
+
+
 class PretrainDataset(_CachedDataset):
     """Packed pretraining windows: window i is tokens[i*L : i*L + L + 1] for L = max_seq_len.
 
@@ -599,7 +715,9 @@ class PretrainDataset(_CachedDataset):
         self.max_seq_len = max_seq_len
         self.n_windows = (self.meta["tokens"] - 1) // max_seq_len
         if self.n_windows <= 0:
-            raise DataError(f"only {self.meta['tokens']} tokens in {paths}; one window needs {max_seq_len + 1}")
+            raise DataError(f"{', '.join(self.meta['sources'])}: only {self.meta['tokens']} tokens"
+                            f"{_skipped_note(self.meta)}; one window of --max_seq_len {max_seq_len} needs "
+                            f"{max_seq_len + 1}: add data or lower --max_seq_len")
 
     def __len__(self):
         return self.n_windows
@@ -624,7 +742,8 @@ class SFTDataset(_CachedDataset):
         super().__init__(_Spec("sft", _tokenizer_file(tokenizer_dir), skip_bad, max_seq_len), paths, cache_dir,
                          num_workers)
         if self.meta["sequences"] == 0:
-            raise DataError(f"no conversations left in {paths} ({self.meta['dropped']} longer than max_seq_len)")
+            raise _none_left(self.meta, "conversations", "are longer than --max_seq_len {} tokens even when cut after "
+                                                          "their first reply")
         self.lengths = np.diff(self.arrays()["offsets"])
 
     def __len__(self):
@@ -642,7 +761,7 @@ class DPODataset(_CachedDataset):
         super().__init__(_Spec("dpo", _tokenizer_file(tokenizer_dir), skip_bad, max_seq_len), paths, cache_dir,
                          num_workers)
         if self.meta["sequences"] == 0:
-            raise DataError(f"no pairs left in {paths} ({self.meta['dropped']} longer than max_seq_len)")
+            raise _none_left(self.meta, "pairs", "have a side longer than --max_seq_len {} tokens")
         sides = np.diff(self.arrays()["offsets"]).reshape(-1, 2)  # stored as chosen, rejected, chosen, ...
         self.lengths = sides.max(axis=1)  # a pair is padded to its longer side
 

@@ -30,6 +30,8 @@ import time
 import zlib
 from dataclasses import dataclass
 
+from cli import NONNEG_INT, HelpFormatter, UserError, number, run_main
+
 # ------------------------------------------------------------------------------------------------- the world
 # (English, 中文[, measure word]) pairs. Within one attribute no value is a substring of another, and no value is a
 # substring of a person's or town's name, so scoring by substring is unambiguous (a test holds this).
@@ -624,15 +626,28 @@ def generate_demo(out_dir, seed=0, scale=1.0):
     return paths
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default="data/demo", help="folder for the JSONL files")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every file's record count")
-    args = parser.parse_args()
+MAX_SCALE = 1000  # ~2 GB of pretraining text; beyond that the demo is no demo
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=HelpFormatter)
+    parser.add_argument("--out_dir", default="data/demo", help="folder for the JSONL files (created if needed)")
+    parser.add_argument("--seed", type=NONNEG_INT, default=0, help="same seed, byte-identical files")
+    parser.add_argument("--scale", type=number(float, low=0, low_open=True, high=MAX_SCALE), default=1.0,
+                        help="multiplies every file's record count (each file keeps at least one record)")
+    args = parser.parse_args(argv)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        parser.error(f"argument --out_dir: {args.out_dir} exists and is not a folder")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     start = time.perf_counter()
-    paths = generate_demo(args.out_dir, args.seed, args.scale)
+    try:
+        paths = generate_demo(args.out_dir, args.seed, args.scale)
+    except OSError as e:  # e.g. an --out_dir that cannot be written
+        raise UserError(f"--out_dir {args.out_dir}: {e}") from None
     for name, path in paths.items():
         with open(path, encoding="utf-8") as f:
             count = sum(1 for _ in f)
@@ -641,4 +656,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

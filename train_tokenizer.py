@@ -2,7 +2,7 @@
 
 The shipped tokenizer/ folder is exactly the output of (from the repo root; ~1.5 min, ~2 GB RAM on 2 CPU cores):
 
-    python train_tokenizer.py --vocab_size 6400 --out_dir tokenizer \
+    python train_tokenizer.py --vocab_size 6400 --out_dir tokenizer --overwrite \
         --data_path ../shared/data/pretrain_en_gutenberg.jsonl ../shared/data/pretrain_en_tinyshakespeare.jsonl \
                     ../shared/data/pretrain_zh_chinese_poetry.jsonl ../shared/data/pretrain_zh_novels.jsonl \
                     ../shared/data/sft_en_alpaca_20k.jsonl ../shared/data/sft_zh_alpaca_hikariming.jsonl \
@@ -14,7 +14,8 @@ The shipped tokenizer/ folder is exactly the output of (from the repo root; ~1.5
 Reads JSONL files as a stream (pretraining `text` records, `conversations` and DPO `chosen`/`rejected` records
 alike), so a multi-GB corpus never sits in memory. Every `--holdout_every`-th record of each file is left out of
 training and used to report compression (UTF-8 bytes per token) on text the tokenizer has not seen. The output folder
-loads with `transformers.AutoTokenizer.from_pretrained(out_dir)` and needs no custom code.
+loads with `transformers.AutoTokenizer.from_pretrained(out_dir)` and needs no custom code. An --out_dir that already
+holds a tokenizer (the shipped tokenizer/, say) is replaced only with --overwrite.
 """
 import argparse
 import json
@@ -25,6 +26,8 @@ import time
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from cli import NONNEG_INT, POSITIVE_INT, HelpFormatter, UserError, add_bool_flag, number, run_main
 
 # Order fixes the ids: <|endoftext|> is 0, <|im_start|> 1, <|im_end|> 2, ... <|pad|> 7.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>",
@@ -48,18 +51,28 @@ SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+| ?\p{N}
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 SPECIAL_SPLIT = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+MAX_VOCAB = 1 << 18  # 262144: above every LLM vocabulary in use; more is a typo, not a tokenizer
 
 
-class DataError(ValueError):
-    """Malformed input data; the message names file:line."""
+class DataError(UserError, ValueError):
+    """Malformed or missing input data; the message names the path (and line). run_main prints it as one line."""
 
 
 def check_jsonl_path(path):
     """Fail early, naming the path, when an input is not an existing file."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file (expected a JSONL file)")
+        raise DataError(f"{path}: no such file (expected a JSONL file)")
     if not os.path.isfile(path):
-        raise IsADirectoryError(f"{path}: not a regular file (expected a JSONL file)")
+        raise DataError(f"{path}: not a regular file (expected a JSONL file)")
+
+
+def check_out_dir(out_dir, overwrite):
+    """Refuse to replace an existing tokenizer (such as the shipped tokenizer/) unless asked to."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir {out_dir}: exists and is not a folder; choose another --out_dir")
+    if os.path.isfile(os.path.join(out_dir, "tokenizer.json")) and not overwrite:
+        raise UserError(f"--out_dir {out_dir} already holds a tokenizer (tokenizer.json); pass --overwrite to replace "
+                        f"it, or choose another --out_dir")
 
 
 def record_texts(record, where):
@@ -90,7 +103,7 @@ def iter_texts(paths, holdout_every=0, held_out=False):
     """
     for path in paths:
         check_jsonl_path(path)
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             index = -1
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -98,11 +111,17 @@ def iter_texts(paths, holdout_every=0, held_out=False):
                 index += 1
                 if holdout_every > 0 and (index % holdout_every == holdout_every - 1) != held_out:
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-                yield from record_texts(record, f"{path}:{line_no}")
+                yield from record_texts(parse_line(line, f"{path}:{line_no}"), f"{path}:{line_no}")
+
+
+def parse_line(line, where):
+    """The JSON value of one line (bytes), or a DataError naming `where`."""
+    try:
+        return json.loads(line)
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg})") from None
 
 
 def split_special(texts):
@@ -167,42 +186,44 @@ def weighted_texts(paths, weights, holdout_every, stats):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         description="Train the byte-level BPE tokenizer (single-id special tokens, ChatML chat template) on JSONL "
                     "files and report its compression in UTF-8 bytes per token. The docstring at the top of this file "
                     "has the exact command that built the shipped tokenizer/ folder.")
     parser.add_argument("--data_path", nargs="+", required=True,
                         help="training JSONL file(s): {'text': ...} and/or {'conversations': [{'role', 'content'}]} "
                              "records (DPO 'chosen'/'rejected' turns are read too)")
-    parser.add_argument("--vocab_size", type=int, default=6400,
-                        help="total vocabulary incl. the 8 special tokens (default: 6400)")
+    parser.add_argument("--vocab_size", type=number(int, low=256 + len(SPECIAL_TOKENS), high=MAX_VOCAB), default=6400,
+                        help="total vocabulary incl. the 8 special tokens (at least 256 bytes + those 8)")
     parser.add_argument("--out_dir", default="tokenizer",
-                        help="output folder, created if needed; relative to the current directory (default: tokenizer)")
-    parser.add_argument("--weights", type=int, nargs="+", default=None,
+                        help="output folder, created if needed; relative to the current directory")
+    add_bool_flag(parser, "--overwrite", help="replace the tokenizer already in --out_dir (refused without it)")
+    parser.add_argument("--weights", type=POSITIVE_INT, nargs="+", default=None,
                         help="how many times each --data_path file is read for training, one integer >= 1 per file "
                              "in the same order (default: 1 each); up-weights a style in the vocabulary")
-    parser.add_argument("--holdout_every", type=int, default=50,
+    parser.add_argument("--holdout_every", type=NONNEG_INT, default=50,
                         help="leave every N-th record of each file out of training and report compression on it "
-                             "(default: 50; 0: train on everything, no held-out report)")
+                             "(N >= 2; 0: train on everything, no held-out report)")
     parser.add_argument("--eval_path", nargs="*", default=[],
                         help="extra JSONL file(s) to report bytes/token on (never trained on)")
     args = parser.parse_args(argv)
     if args.weights is None:
         args.weights = [1] * len(args.data_path)
-    if len(args.weights) != len(args.data_path) or min(args.weights) < 1:
+    if len(args.weights) != len(args.data_path):
         parser.error(f"--weights needs one integer >= 1 per --data_path file ({len(args.data_path)}), "
-                     f"got {args.weights}")
-    if args.vocab_size < 256 + len(SPECIAL_TOKENS):
-        parser.error(f"--vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
-    if args.holdout_every < 0 or args.holdout_every == 1:
-        parser.error("--holdout_every must be 0 (off) or >= 2")
+                     f"got {len(args.weights)}: {args.weights}")
+    if args.holdout_every == 1:
+        parser.error("argument --holdout_every: must be 0 (off) or >= 2, got 1 (it would hold out every record)")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    out_dir = os.path.abspath(args.out_dir)
+    check_out_dir(args.out_dir, args.overwrite)  # before the training, not after minutes of it
+    for path in args.data_path + args.eval_path:
+        check_jsonl_path(path)
     try:
-        for path in args.data_path + args.eval_path:
-            check_jsonl_path(path)
         stats = {"texts": 0, "bytes": 0}
         t0 = time.time()
         tokenizer = build_tokenizer(weighted_texts(args.data_path, args.weights, args.holdout_every, stats),
@@ -211,7 +232,9 @@ def main(argv=None):
             raise DataError(f"no text found in {', '.join(args.data_path)}")
         print(f"trained a {len(tokenizer)}-token byte-level BPE on {stats['texts']:,} texts "
               f"({stats['bytes'] / 1e6:.1f} MB incl. weights) in {time.time() - t0:.1f}s")
-        out_dir = os.path.abspath(args.out_dir)
+        if len(tokenizer) < args.vocab_size:
+            print(f"note: the training text supports only {len(tokenizer)} tokens, fewer than --vocab_size "
+                  f"{args.vocab_size}; add text or lower --vocab_size", file=sys.stderr)
         tokenizer.save_pretrained(out_dir)
         print(f"saved {out_dir}")
 
@@ -224,9 +247,9 @@ def main(argv=None):
             print(f"  {total:.3f}  held-out 1/{args.holdout_every} of all --data_path files")
         for path in args.eval_path:
             print(f"  {bytes_per_token(tokenizer, iter_texts([path])):.3f}  eval {path}")
-    except (DataError, OSError) as e:
-        raise SystemExit(f"train_tokenizer.py: error: {e}") from None
+    except OSError as e:  # an unreadable input or an unwritable --out_dir
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -238,3 +238,36 @@ def test_cli_prints_counts(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "sft.jsonl" in out and "records" in out and "MB" in out
     assert (tmp_path / "dpo_eval.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--scale", "0"], "argument --scale: must be > 0, got 0"),
+    (["--scale", "nan"], "argument --scale: must be a finite number, got 'nan'"),
+    (["--scale", "1e9"], "argument --scale: must be <= 1000, got 1e9"),
+    (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["--seed", "0.5"], "argument --seed: expected an integer, got '0.5'"),
+])
+def test_bad_flags_are_refused_naming_the_flag(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        demo_data.main(["--out_dir", str(tmp_path / "out"), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        demo_data.main(["--out_dir", str(taken)])
+    assert e.value.code == 2 and f"argument --out_dir: {taken} exists and is not a folder" in capsys.readouterr().err
+
+
+def test_unwritable_out_dir_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    blocked = tmp_path / "file"
+    blocked.write_text("x", encoding="utf-8")
+    proc = subprocess.run([sys.executable, demo_data.__file__, "--out_dir", str(blocked / "sub"), "--scale", "0.01"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"demo_data.py: error: --out_dir {blocked / 'sub'}: ")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from cli import UserError
 from conftest import ROOT, sample_sentence, write_jsonl
 from transformers import AutoTokenizer
 
@@ -167,8 +168,17 @@ def test_bad_records_name_file_and_line(tmp_path, line, message):
 
 def test_missing_file_is_named(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
-    with pytest.raises(FileNotFoundError, match=re.escape(missing) + r".*expected a JSONL file"):
+    with pytest.raises(DataError, match=re.escape(missing) + r".*expected a JSONL file"):
         list(iter_texts([missing]))
+    with pytest.raises(DataError, match=re.escape(str(tmp_path)) + r": not a regular file"):
+        list(iter_texts([str(tmp_path)]))
+
+
+def test_invalid_utf8_line_is_named(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: not valid UTF-8")):
+        list(iter_texts([str(path)]))
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
@@ -225,17 +235,74 @@ def test_cli_missing_file_fails_with_its_name(tmp_path):
 def test_cli_malformed_line_and_bad_flags(tmp_path, capsys):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "one"}\n{"text": "two"\n', encoding="utf-8")
-    with pytest.raises(SystemExit, match=re.escape(f"{path}:2: invalid JSON")):
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: invalid JSON")):
         main(["--data_path", str(path), "--out_dir", str(tmp_path / "tok"), "--vocab_size", "300"])
     evalf = write_jsonl(tmp_path / "ok.jsonl", [{"text": "fine"}])
-    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'nope.jsonl'}: no such file")):
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nope.jsonl'}: no such file")):
         main(["--data_path", evalf, "--eval_path", str(tmp_path / "nope.jsonl"), "--out_dir", str(tmp_path / "t")])
+    assert not (tmp_path / "t").exists()  # checked before training, nothing written
     with pytest.raises(SystemExit):
         main(["--data_path", evalf, "--weights", "1", "2"])
     assert "--weights needs one integer" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--data_path", evalf, "--vocab_size", "100"])
-    assert "--vocab_size must be at least 264" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--vocab_size", "100"], "argument --vocab_size: must be >= 264, got 100"),
+    (["--vocab_size", "1e9"], "argument --vocab_size: expected an integer, got '1e9'"),
+    (["--vocab_size", "999999999"], "argument --vocab_size: must be <= 262144, got 999999999"),
+    (["--weights", "0"], "argument --weights: must be >= 1, got 0"),
+    (["--weights", "1.5"], "argument --weights: expected an integer, got '1.5'"),
+    (["--holdout_every", "-1"], "argument --holdout_every: must be >= 0, got -1"),
+    (["--holdout_every", "1"], "argument --holdout_every: must be 0 (off) or >= 2, got 1"),
+    (["--holdout_every", "nan"], "argument --holdout_every: expected an integer, got 'nan'"),
+    (["--overwrite", "maybe"], "argument --overwrite: expected a boolean"),
+])
+def test_bad_numbers_are_refused_naming_the_flag(tmp_path, capsys, flags, message):
+    data = write_jsonl(tmp_path / "ok.jsonl", [{"text": "fine"}])
+    with pytest.raises(SystemExit) as e:
+        main(["--data_path", data, "--out_dir", str(tmp_path / "tok"), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def trained_folder(tmp_path):
+    out_dir = tmp_path / "tok"
+    out_dir.mkdir()
+    (out_dir / "tokenizer.json").write_text("{}", encoding="utf-8")  # stands for the shipped tokenizer/
+    return out_dir
+
+
+def test_existing_tokenizer_is_not_overwritten_without_overwrite(tmp_path):
+    out_dir = trained_folder(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": sample_sentence(random.Random(i))} for i in range(50)])
+    proc = run_cli("--data_path", data, "--out_dir", str(out_dir), "--vocab_size", "300")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert f"--out_dir {out_dir} already holds a tokenizer (tokenizer.json); pass --overwrite" in proc.stderr
+    assert (out_dir / "tokenizer.json").read_text(encoding="utf-8") == "{}"
+    main(["--data_path", data, "--out_dir", str(out_dir), "--vocab_size", "300", "--overwrite", "--holdout_every",
+          "0"])
+    assert len(AutoTokenizer.from_pretrained(str(out_dir))) == 300
+
+
+def test_out_dir_that_is_a_file_is_refused(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}])
+    with pytest.raises(UserError, match=re.escape(f"--out_dir {data}: exists and is not a folder")):
+        main(["--data_path", data, "--out_dir", data, "--overwrite"])
+
+
+def test_cli_data_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "one"}\n{"title": "x"}\n', encoding="utf-8")
+    proc = run_cli("--data_path", str(bad), "--out_dir", str(tmp_path / "tok"), "--vocab_size", "300")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == f"train_tokenizer.py: error: {bad}:2: expected a 'text' or 'conversations' " \
+                          f"(or 'chosen'/'rejected') field\n"
+
+
+def test_small_corpus_says_the_vocabulary_is_smaller_than_asked(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "abab cdcd"}] * 3)
+    main(["--data_path", data, "--out_dir", str(tmp_path / "tok"), "--vocab_size", "5000", "--holdout_every", "0"])
+    assert "note: the training text supports only" in capsys.readouterr().err
 
 
 # ---- the shipped tokenizer/ ---------------------------------------------------------------------------------------
