@@ -6,7 +6,13 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from cli import UserError
+
 ROPE_SCALING_TYPES = ("linear", "ntk", "yarn")
+
+
+class ConfigError(UserError, ValueError):
+    """A model shape that cannot be built (e.g. dim not divisible by n_heads); the message names the fields."""
 
 
 @dataclass
@@ -46,7 +52,7 @@ class LLMConfig:
     def validate(self):
         def need(ok, msg):
             if not ok:
-                raise ValueError(f"invalid LLMConfig: {msg}")
+                raise ConfigError(f"invalid LLMConfig: {msg}")
 
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
             need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
@@ -80,7 +86,7 @@ class LLMConfig:
     def from_dict(cls, d):
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"invalid LLMConfig: unknown fields {sorted(unknown)}")
+            raise ConfigError(f"invalid LLMConfig: unknown fields {sorted(unknown)}")
         return cls(**d)
 
     @classmethod
@@ -117,7 +123,7 @@ PRESETS = {
 def get_config(preset, **overrides):
     """A preset by name, with any field overridden (None values are ignored so unset CLI flags inherit)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return LLMConfig(**fields)
 

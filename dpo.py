@@ -9,12 +9,12 @@ says otherwise; by default its log-probabilities are computed once before traini
 model sits in memory. Writes save_dir/dpo_final.pth and save_dir/dpo_curves.png.
 """
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 
 import train_utils as tu
+from cli import POSITIVE, HelpFormatter, run_main
 from Config import LLMConfig, describe
 from dataset import DPODataset, collate_dpo
 from model import Transformer
@@ -26,17 +26,15 @@ Or the built-in demo corpus: python demo_data.py --out_dir data/demo (then --dat
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_path", nargs="+", default=["dpo.jsonl"], help="preference JSONL file(s)")
     p.add_argument("--sft_path", default=None, help="the starting policy (default: save_dir/sft_final.pth)")
     p.add_argument("--ref_path", default=None, help="the reference model (default: the starting policy)")
-    p.add_argument("--beta", type=float, default=0.1, help="strength of the pull toward the reference")
+    p.add_argument("--beta", type=POSITIVE, default=0.1, help="strength of the pull toward the reference")
     tu.add_bool_flag(p, "--precompute_ref", default=True,
                      help="compute reference log-probs once up front instead of keeping the reference in memory")
     tu.add_training_args(p, batch_size=8, learning_rate=1e-6, epochs=1, save_step=1000, eval_interval=100)
-    args = p.parse_args(argv)
-    args.sft_path = args.sft_path or os.path.join(args.save_dir, "sft_final.pth")
-    return args
+    return tu.parse_stage_args(p, argv, inputs={"sft_path": "sft_final.pth"})
 
 
 def reply_logps(logits, targets, loss_mask):
@@ -109,9 +107,7 @@ def load_reference(args, rt):
 
 def main(argv=None):
     args = parse_args(argv)
-    tu.require_files(args.data_path, DATA_HELP)
-    rt = tu.setup_runtime(args)
-    resume_path, ckpt = tu.read_resume_checkpoint(args)
+    rt, resume_path, ckpt = tu.begin_run("dpo", args, DATA_HELP, inputs=["sft_path", "ref_path"])
     model = load_policy(args, ckpt, rt)
     config = model.config
     args.max_seq_len = config.max_seq_len
@@ -128,42 +124,43 @@ def main(argv=None):
     plan = tu.bucketed_plan(data, args, rt)
     evaluate = (lambda: evaluate_preferences(model, reference, eval_data, ref_tables["eval"], args, rt)
                 ) if eval_data else None
-    run = tu.TrainingRun("dpo", args, rt, model, plan, ckpt, resume_path, evaluate, extra={"ref_tables": ref_tables})
-    if rt.is_master:
-        print(f"policy: {describe(config)} | beta {args.beta} | {len(data):,} pairs | "
-              f"{run.schedule.steps:,} optimizer steps from {run.step}")
-    while run.running():
-        lr, micro = run.start_step()
-        step_pairs = tu.all_reduce_sum(rt, [sum(len(indices) for indices in micro)])[0]
-        loss_sum = torch.zeros((), device=rt.device)
-        sums = {"tokens": 0.0}
-        for i, indices in enumerate(micro):
-            batch = collate_dpo([data[j] for j in indices], data.pad_id)
-            with run.no_sync(i, len(micro)):
-                with tu.autocast(rt):
-                    policy, aux_loss = pair_logps(run.train_model, batch, rt.device)
-                    if ref_tables["train"] is not None:
-                        ref = ref_tables["train"][list(indices)]
-                    else:
-                        with torch.no_grad():
-                            ref = pair_logps(reference, batch, rt.device)[0]
-                    losses, stats = dpo_loss(policy, ref, args.beta)
-                    # Sum over this micro-batch's pairs ÷ the step's pairs: the mean over the global batch.
-                    loss = losses.sum() / step_pairs * rt.world_size + aux_loss / len(micro)
-                run.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-            sums["tokens"] += batch["loss_mask"].sum().item()
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v.sum().item()
-        mean_loss = run.global_loss(loss_sum)
-        grad_norm = run.optimizer_step()
-        totals = dict(zip(sums, tu.all_reduce_sum(rt, list(sums.values()))))
-        tokens_per_s = totals.pop("tokens") / run.seconds()
-        if not run.end_step({"loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
-                             **{k: v / step_pairs for k, v in totals.items()}, "tokens_per_s": tokens_per_s}):
-            break
-    run.finish()
+    with tu.TrainingRun("dpo", args, rt, model, plan, ckpt, resume_path, evaluate, extra={"ref_tables": ref_tables},
+                        data_id=tu.data_identity(data, eval_data)) as run:
+        if rt.is_master:
+            print(f"policy: {describe(config)} | beta {args.beta} | {len(data):,} pairs | "
+                  f"{run.schedule.steps:,} optimizer steps from {run.step}")
+        while run.running():
+            lr, micro = run.start_step()
+            step_pairs = tu.all_reduce_sum(rt, [sum(len(indices) for indices in micro)])[0]
+            loss_sum = torch.zeros((), device=rt.device)
+            sums = {"tokens": 0.0}
+            for i, indices in enumerate(micro):
+                batch = collate_dpo([data[j] for j in indices], data.pad_id)
+                with run.no_sync(i, len(micro)):
+                    with tu.autocast(rt):
+                        policy, aux_loss = pair_logps(run.train_model, batch, rt.device)
+                        if ref_tables["train"] is not None:
+                            ref = ref_tables["train"][list(indices)]
+                        else:
+                            with torch.no_grad():
+                                ref = pair_logps(reference, batch, rt.device)[0]
+                        losses, stats = dpo_loss(policy, ref, args.beta)
+                        # Sum over this micro-batch's pairs ÷ the step's pairs: the mean over the global batch.
+                        loss = losses.sum() / step_pairs * rt.world_size + aux_loss / len(micro)
+                    run.scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+                sums["tokens"] += batch["loss_mask"].sum().item()
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v.sum().item()
+            mean_loss = run.global_loss(loss_sum)
+            grad_norm = run.optimizer_step()
+            totals = dict(zip(sums, tu.all_reduce_sum(rt, list(sums.values()))))
+            tokens_per_s = totals.pop("tokens") / run.seconds()
+            if not run.end_step({"loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
+                                 **{k: v / step_pairs for k, v in totals.items()}, "tokens_per_s": tokens_per_s}):
+                break
+        run.finish()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

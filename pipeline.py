@@ -1,12 +1,14 @@
 """The whole pipeline in one command: data → pretrain → SFT → reasoning distillation → DPO → evaluation, ending in
 a scoreboard that shows what each stage changed.
 
-    python pipeline.py                                  # built-in demo corpus, tiny model, ~10 min on 2 CPU cores
+    python pipeline.py                                  # built-in demo corpus, tiny model, ~7 min on 2 CPU cores
     python pipeline.py --data_dir data/real --preset small --out_dir runs/small      # your own data, a real size
 
 --data_dir holds pretrain.jsonl, sft.jsonl, reasoning.jsonl, dpo.jsonl and, optionally, the held-out files
 pretrain_eval.jsonl, sft_eval.jsonl, reasoning_eval.jsonl, dpo_eval.jsonl (the layout demo_data.py writes). Task
 metrics (answer accuracy, reasoning accuracy) need the demo corpus' eval records, which carry their answers.
+Running it again redoes every stage (the stages get --overwrite); it ends by printing the commands that chat with,
+serve and export what it trained.
 """
 import argparse
 import itertools
@@ -17,14 +19,15 @@ import time
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
 import distill
 import dpo
 import pretrain
 import SFT
 import train_utils as tu
-from dataset import DPODataset, PretrainDataset, SFTDataset, collate_dpo, read_jsonl
+from cli import NONNEG_INT, POSITIVE, POSITIVE_INT, HelpFormatter, UserError, run_main
+from Config import PRESETS
+from dataset import DPODataset, PretrainDataset, SFTDataset, collate_dpo, load_tokenizer, read_jsonl
 from demo_data import generate_demo, is_terse, parse_reasoning, prompt_turns, score_reasoning, score_sft
 from eval_bench import generate_batch
 from eval_model import encode_prompt, stop_ids
@@ -34,22 +37,22 @@ FILES = ["pretrain", "sft", "reasoning", "dpo"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_dir", default=None, help="your data (default: generate the demo corpus)")
-    p.add_argument("--demo_scale", type=float, default=1.0, help="size of the generated demo corpus")
+    p.add_argument("--demo_scale", type=POSITIVE, default=1.0, help="size of the generated demo corpus")
     p.add_argument("--out_dir", default="results/pipeline", help="data, checkpoints and the scoreboard go here")
-    p.add_argument("--preset", default="tiny", help="model size for pretraining (see Config.py)")
-    p.add_argument("--tokenizer_path", default=os.path.join(tu.ROOT, "tokenizer"))
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--pretrain_epochs", type=int, default=1)
-    p.add_argument("--sft_epochs", type=int, default=3)
-    p.add_argument("--distill_epochs", type=int, default=5)
-    p.add_argument("--replay", type=int, default=800,
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size for pretraining")
+    p.add_argument("--tokenizer_path", default=os.path.join(tu.ROOT, "tokenizer"), help="tokenizer folder")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--seed", type=NONNEG_INT, default=1337)
+    p.add_argument("--pretrain_epochs", type=POSITIVE_INT, default=1)
+    p.add_argument("--sft_epochs", type=POSITIVE_INT, default=3)
+    p.add_argument("--distill_epochs", type=POSITIVE_INT, default=5)
+    p.add_argument("--replay", type=NONNEG_INT, default=800,
                    help="SFT conversations mixed into reasoning distillation, so plain answers are not forgotten")
-    p.add_argument("--dpo_epochs", type=int, default=1)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--eval_items", type=int, default=200, help="held-out questions answered per stage")
+    p.add_argument("--dpo_epochs", type=POSITIVE_INT, default=1)
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=16)
+    p.add_argument("--eval_items", type=POSITIVE_INT, default=200, help="held-out questions answered per stage")
     return p.parse_args(argv)
 
 
@@ -64,7 +67,7 @@ def data_files(args):
             if os.path.isfile(path):
                 paths[name + suffix] = path
             elif not suffix:
-                raise SystemExit(f"{path} is missing: --data_dir needs {', '.join(f + '.jsonl' for f in FILES)}")
+                raise UserError(f"{path} is missing: --data_dir needs {', '.join(f + '.jsonl' for f in FILES)}")
     return paths
 
 
@@ -82,7 +85,7 @@ def stage_commands(args, files):
     """Each stage's arguments: the previous stage's final weights in, the held-out file for validation."""
     save = ["--save_dir", os.path.join(args.out_dir, "checkpoints"), "--tokenizer_path", args.tokenizer_path,
             "--seed", str(args.seed), "--batch_size", str(args.batch_size), "--log_interval", "50",
-            "--save_step", "1000000", *(["--device", args.device] if args.device else [])]
+            "--save_step", "1000000", "--overwrite", *(["--device", args.device] if args.device else [])]
     ckpt = os.path.join(args.out_dir, "checkpoints")
 
     def held_out(name):
@@ -149,7 +152,7 @@ def eval_records(path, limit):
 
 def scoreboard(args, files, rt):
     """One row per stage: held-out perplexities and the task metrics each stage targets."""
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+    tokenizer = load_tokenizer(args.tokenizer_path)
     ckpt = os.path.join(args.out_dir, "checkpoints")
     max_len = tu.read_weights(f"{ckpt}/pretrain_final.pth")[0].max_seq_len
     load = {"pretrain": PretrainDataset, "sft": SFTDataset, "reasoning": SFTDataset, "dpo": DPODataset}
@@ -158,7 +161,9 @@ def scoreboard(args, files, rt):
     sft_items = eval_records(files["sft_eval"], args.eval_items) if "sft_eval" in files else []
     reasoning_items = eval_records(files["reasoning_eval"], args.eval_items) if "reasoning_eval" in files else []
     rows = []
-    for stage in STAGES:
+    for k, stage in enumerate(STAGES, 1):
+        print(f"evaluating {stage} ({k}/{len(STAGES)}): held-out perplexity, {len(sft_items)} questions, "
+              f"{len(reasoning_items)} word problems", flush=True)
         model, _ = tu.load_model(f"{ckpt}/{stage}_final.pth", rt.device)
         model.eval()
         row = {"stage": stage}
@@ -200,18 +205,29 @@ def format_scoreboard(rows):
     return "\n".join(lines)
 
 
+def next_commands(args):
+    """What to do with the trained models: chat, serve, export (the commands for this run's folders)."""
+    ckpt = os.path.join(args.out_dir, "checkpoints")
+    return "\n".join([
+        "next:",
+        f"  python eval_model.py --save_dir {ckpt} --model_mode 1      # chat with the SFT model (2: distill, 3: DPO)",
+        f"  python api_server.py --model_path {ckpt}/dpo_final.pth     # OpenAI-compatible server + web chat",
+        f"  python export_hf.py --model_path {ckpt}/dpo_final.pth --out_dir {args.out_dir}/hf   # Hugging Face"])
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
     os.makedirs(args.out_dir, exist_ok=True)
     files = data_files(args)
     timings = {}
-    for stage, (run, argv_stage) in stage_commands(args, files).items():
-        print(f"\n=== {stage} ===", flush=True)
+    commands = stage_commands(args, files)
+    for k, (stage, (run, argv_stage)) in enumerate(commands.items(), 1):
+        print(f"\n=== stage {k}/{len(commands) + 1}: {stage} ===", flush=True)
         t0 = time.perf_counter()
         run(argv_stage)
         timings[stage] = time.perf_counter() - t0
-    print("\n=== evaluation ===", flush=True)
+    print(f"\n=== stage {len(commands) + 1}/{len(commands) + 1}: evaluation ===", flush=True)
     t0 = time.perf_counter()
     rt = tu.Runtime(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), "float32")
     rows = scoreboard(args, files, rt)
@@ -219,7 +235,7 @@ def main(argv=None):
     table = format_scoreboard(rows)
     total = time.perf_counter() - started
     summary = "stage minutes: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items())
-    print(f"\n{table}\n\n{summary}; total {total / 60:.1f} min")
+    print(f"\n{table}\n\n{summary}; total {total / 60:.1f} min\n\n{next_commands(args)}")
     with open(os.path.join(args.out_dir, "scoreboard.json"), "w") as f:
         json.dump({"rows": rows, "seconds": timings, "total_seconds": total}, f, indent=1)
     with open(os.path.join(args.out_dir, "scoreboard.md"), "w") as f:
@@ -228,4 +244,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,17 +1,18 @@
 """The plumbing every training stage shares, written once: command-line flags, devices and DDP, mixed precision,
-the LR schedule, the optimizer, the batch plan, exact-resume checkpoints, final weights and model loading, evaluation,
-throughput/MFU and logging. The stage scripts (pretrain.py, SFT.py, distill.py, dpo.py) show their own loops.
+the LR schedule, the optimizer, the batch plan, the run itself (resume, signals, checkpoints: checkpoint.py),
+evaluation, throughput/MFU and logging. The stage scripts (pretrain.py, SFT.py, distill.py, dpo.py) show their loops.
 """
 import argparse
 import contextlib
-import dataclasses
-import hashlib
+import functools
 import itertools
-import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -20,10 +21,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from Config import LLMConfig
-from cli import add_bool_flag
+from checkpoint import (LATEST, STAGE_SCRIPTS, CheckpointError, atomic_torch_save, build_model,  # noqa: F401
+                        check_tokenizer, claim_save_dir, gather_rng_states, load_model, load_state_strict,
+                        load_training_state, rank0_says, read_weights, release_save_dir, resume_checkpoint,
+                        save_checkpoint, save_final, set_rng_state, tokenizer_fingerprint, unwrap)
+from cli import NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, UserError, add_bool_flag, number
 from dataset import LengthBucketBatches, collate_sft
-from model import Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,29 +34,36 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # ---------------------------------------------------------------------------------------------------------- flags
 
 def add_training_args(parser, *, batch_size, learning_rate, epochs, max_seq_len=None, save_step=100, min_lr=None,
-                      warmup_steps=0, log_interval=10, eval_interval=200):
-    """The flags every stage shares; each stage picks its own defaults."""
+                      log_interval=10, eval_interval=200):
+    """The flags every stage shares; each stage picks its own defaults. Every number is range-checked here."""
     a = parser.add_argument
-    a("--batch_size", type=int, default=batch_size, help="sequences per micro-batch on each process")
-    a("--learning_rate", type=float, default=learning_rate, help="peak learning rate")
-    a("--min_lr", type=float, default=min_lr, help="cosine floor (default: learning_rate / 10)")
-    a("--warmup_steps", type=int, default=warmup_steps, help="linear warmup, in optimizer steps")
-    a("--weight_decay", type=float, default=0.1, help="AdamW decay of matrices (never norms or biases)")
-    a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 disables)")
-    a("--epochs", type=int, default=epochs)
-    a("--max_steps", type=int, default=None, help="train this many optimizer steps (the LR schedule's length)")
-    a("--stop_step", type=int, default=None,
+    a("--batch_size", type=POSITIVE_INT, default=batch_size, help="sequences per micro-batch on each process")
+    a("--learning_rate", type=POSITIVE, default=learning_rate, help="peak learning rate")
+    a("--min_lr", type=NONNEG, default=min_lr, help="cosine floor (default: learning_rate / 10)")
+    a("--warmup_steps", type=NONNEG_INT, default=None,
+      help="linear warmup, in optimizer steps (default: 1%% of the run's steps)")
+    a("--weight_decay", type=NONNEG, default=0.1, help="AdamW decay of matrices (never norms or biases)")
+    a("--grad_clip", type=NONNEG, default=1.0, help="clip the global gradient norm (0 disables)")
+    a("--epochs", type=POSITIVE_INT, default=epochs, help="passes over the data")
+    a("--max_steps", type=POSITIVE_INT, default=None,
+      help="train exactly this many optimizer steps (the LR schedule's length), over as many epochs as it takes")
+    a("--stop_step", type=POSITIVE_INT, default=None,
       help="end this session after optimizer step N with a checkpoint, schedule unchanged (resume later)")
-    a("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    a("--max_seq_len", type=int, default=max_seq_len, help="context length (default: the model's)")
-    a("--save_dir", default="results", help="checkpoints and final weights go here")
-    a("--save_step", type=int, default=save_step, help="write latest_checkpoint.pth every N optimizer steps")
-    a("--resume_from", default=None, help="a checkpoint path, or 'auto' for save_dir/latest_checkpoint.pth")
+    a("--accumulation_steps", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
+    a("--max_seq_len", type=number(int, low=2), default=max_seq_len, help="context length (default: the model's)")
+    a("--save_dir", default=None, help="checkpoints and final weights go here (default: results; when resuming, "
+      "the checkpoint's folder)")
+    a("--save_step", type=POSITIVE_INT, default=save_step, help="write latest_checkpoint.pth every N optimizer steps")
+    a("--resume_from", default=None, help="a latest_checkpoint.pth, or 'auto' for save_dir/latest_checkpoint.pth: "
+      "the run continues with its own settings (flags left out are taken from the checkpoint)")
+    add_bool_flag(parser, "--overwrite", help="start a fresh run although save_dir holds an unfinished run or this "
+                  "stage's final weights, or although the output would replace an input")
     a("--eval_data", nargs="+", default=None, help="held-out JSONL for validation loss/perplexity")
-    a("--eval_interval", type=int, default=eval_interval, help="validate every N optimizer steps (and at the end)")
-    a("--eval_batches", type=int, default=50, help="at most this many batches per validation")
-    a("--log_interval", type=int, default=log_interval, help="log every N optimizer steps")
-    a("--seed", type=int, default=1337)
+    a("--eval_interval", type=POSITIVE_INT, default=eval_interval,
+      help="validate every N optimizer steps (and at the end)")
+    a("--eval_batches", type=POSITIVE_INT, default=50, help="at most this many batches per validation")
+    a("--log_interval", type=POSITIVE_INT, default=log_interval, help="log every N optimizer steps")
+    a("--seed", type=NONNEG_INT, default=1337)
     a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     a("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
       help="autocast dtype (default: bfloat16 on CUDA when supported, else float16; float32 on CPU)")
@@ -63,9 +73,50 @@ def add_training_args(parser, *, batch_size, learning_rate, epochs, max_seq_len=
     add_bool_flag(parser, "--use_wandb", help="alias of --logger swanlab (the seeds' flag)")
     add_bool_flag(parser, "--use_swanlab", help="alias of --logger swanlab")
     a("--project", default="tiny-llm", help="tracker project name")
-    a("--num_workers", type=int, default=None, help="processes for tokenizing data (default: CPU count)")
+    a("--num_workers", type=POSITIVE_INT, default=None, help="processes for tokenizing data (default: CPU count)")
     a("--cache_dir", default=None, help="token cache folder (default: .cache/tokens in the repository)")
     add_bool_flag(parser, "--skip_bad_lines", help="skip (and count) malformed JSONL lines instead of stopping")
+
+
+# Input paths that define a run; resolved at parse time so that the same file spelled differently is the same input.
+INPUT_PATHS = ("data_path", "eval_data", "tokenizer_path", "pretrained_path", "sft_path", "teacher_path", "ref_path")
+
+
+def given_flags(parser, argv=None):
+    """The destinations of the flags present on the command line, whatever their values (argparse fills in a
+    default only for attributes the namespace lacks, so a sentinel marks the flags left out)."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    parser.parse_args(argv, namespace=namespace)
+    return {k for k, v in vars(namespace).items() if v is not unset}
+
+
+def parse_stage_args(parser, argv=None, inputs=None):
+    """A stage's flags, parsed and checked: which were given (a resumed run takes the others from its checkpoint),
+    input paths resolved, cross-flag constraints checked. `inputs` maps a path flag left out to a file name in
+    save_dir (SFT's --pretrained_path defaults to save_dir/pretrain_final.pth)."""
+    args = parser.parse_args(argv)
+    args.given_flags = given_flags(parser, argv)
+    if args.save_dir is None and args.resume_from in (None, "auto"):
+        args.save_dir = "results"
+    for flag, name in (inputs or {}).items():
+        if getattr(args, flag) is None and args.save_dir is not None:
+            setattr(args, flag, os.path.join(args.save_dir, name))
+    for flag in INPUT_PATHS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(args, flag, [os.path.realpath(v) for v in value] if isinstance(value, list) else
+                    os.path.realpath(value))
+    if args.min_lr is not None and args.min_lr > args.learning_rate:
+        parser.error(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}")
+    if args.stop_step is not None and args.max_steps is not None and args.stop_step > args.max_steps:
+        parser.error(f"--stop_step {args.stop_step} is after the last step (--max_steps {args.max_steps})")
+    return args
+
+
+def run_settings(args):
+    """The flags as saved in a checkpoint (everything but the bookkeeping of which were given)."""
+    return {k: v for k, v in vars(args).items() if k != "given_flags"}
 
 
 # ---------------------------------------------------------------------------------------------- devices and DDP
@@ -94,13 +145,13 @@ def setup_runtime(args):
     cuda = torch.cuda.is_available()
     device = args.device or ("cuda" if cuda else "cpu")
     if device.startswith("cuda") and not cuda:
-        raise SystemExit(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+        raise UserError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
     if device == "cuda":
         device = f"cuda:{local_rank}"  # one GPU per process, never all on cuda:0
     dtype = args.dtype or ("float32" if device == "cpu" else
                            "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
     if device == "cpu" and dtype == "float16":
-        raise SystemExit("--dtype float16 needs CUDA; on CPU use float32 or bfloat16")
+        raise UserError("--dtype float16 needs CUDA; on CPU use float32 or bfloat16")
     rt = Runtime(torch.device(device), dtype, rank, local_rank, world_size)
     if rt.device.type == "cuda":
         torch.cuda.set_device(rt.device)
@@ -119,12 +170,42 @@ def teardown(rt):
 
 @contextlib.contextmanager
 def master_first(rt):
-    """Rank 0 runs the block first (e.g. tokenizing data into the cache), then the others (reading the cache)."""
-    if rt.ddp and not rt.is_master:
-        dist.barrier()
-    yield
+    """Rank 0 runs the block first (e.g. tokenizing data into the cache), then the others (reading the cache). If
+    rank 0 fails with a UserError (a bad data line), the other ranks stop too instead of waiting forever."""
+    if rt.ddp and not rt.is_master and rank0_says(rt, None):
+        raise SystemExit(2)  # rank 0 prints why
+    try:
+        yield
+    except UserError as e:
+        if rt.ddp and rt.is_master:
+            rank0_says(rt, str(e))
+        raise
     if rt.ddp and rt.is_master:
-        dist.barrier()
+        rank0_says(rt, None)
+
+
+def wrap_model(model, args, rt):
+    """torch.compile (if asked) and DDP around the model; the optimizer keeps using the plain model's parameters."""
+    model = torch.compile(model) if args.compile else model
+    if rt.ddp:
+        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return model
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def begin_run(stage, args, data_help, inputs=()):
+    """Everything before a stage builds its model: the resumed run's settings, the input files, devices and DDP,
+    and the claim on save_dir. Returns (runtime, resume path or None, checkpoint or None)."""
+    resume_path, ckpt = resume_checkpoint(args, stage)
+    require_files(args.data_path + (args.eval_data or []), data_help)
+    rt = setup_runtime(args)
+    claim_save_dir(args, rt, stage, resuming=ckpt is not None, inputs=inputs)
+    return rt, resume_path, ckpt
 
 
 def autocast(rt):
@@ -179,7 +260,7 @@ class BatchPlan:
         self.epoch_batches, self.epochs = epoch_batches, epochs
         self.per_epoch = len(epoch_batches(0))
         if self.per_epoch == 0:
-            raise SystemExit("not enough data for a single batch; lower --batch_size or add data")
+            raise UserError("not enough data for a single batch; lower --batch_size or add data")
         self.total = self.per_epoch * epochs
 
     def micro_batches(self, start):
@@ -207,14 +288,22 @@ def shuffled_batches(n_items, batch_size, seed, rt):
 class Schedule:
     """The run's length in optimizer steps and its learning rate at each step.
 
-    Warmup defaults to 1% of the steps and the cosine floor to learning_rate / 10. The last, possibly shorter,
-    optimizer step takes the micro-batches left over at the end of the run."""
+    --max_steps is honoured exactly: the plan runs as many epochs as it takes (refused only when --epochs was given
+    and is too few). Warmup defaults to 1% of the steps, the cosine floor to learning_rate / 10. The last, possibly
+    shorter, optimizer step takes the micro-batches left over at the end of the run."""
 
     def __init__(self, args, plan):
-        steps = math.ceil(plan.total / args.accumulation_steps)
-        self.steps = min(steps, args.max_steps) if args.max_steps else steps
-        self.accumulation, self.total_micro = args.accumulation_steps, plan.total
-        self.warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.01 * self.steps)
+        if args.max_steps:
+            fit_epochs(args, plan)
+            steps = args.max_steps
+        else:
+            steps = math.ceil(plan.total / args.accumulation_steps)
+        self.steps = steps
+        self.accumulation, self.total_micro = args.accumulation_steps, min(plan.total, steps * args.accumulation_steps)
+        self.warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.01 * steps)
+        if self.warmup > steps:
+            raise UserError(f"--warmup_steps {self.warmup} is longer than the run ({steps} optimizer steps): "
+                            f"the learning rate would never reach its peak; lower --warmup_steps")
         self.max_lr = args.learning_rate
         self.min_lr = args.min_lr if args.min_lr is not None else args.learning_rate / 10
 
@@ -225,218 +314,21 @@ class Schedule:
         return min(self.accumulation, self.total_micro - micro_step)
 
 
+def fit_epochs(args, plan):
+    """Give the plan enough epochs for --max_steps optimizer steps (args.epochs records it for resume)."""
+    needed = math.ceil(args.max_steps * args.accumulation_steps / plan.per_epoch)
+    if needed <= plan.epochs:
+        return
+    if "epochs" in getattr(args, "given_flags", ()):
+        raise UserError(f"--max_steps {args.max_steps} needs {needed} epochs of this data ({plan.per_epoch} "
+                        f"micro-batches each) but --epochs is {args.epochs}: leave --epochs out or lower --max_steps")
+    args.epochs = plan.epochs = needed
+    plan.total = plan.per_epoch * needed
+
+
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-# ----------------------------------------------------------------------------------- checkpoints and exact resume
-
-def atomic_torch_save(obj, path):
-    """Write to a temporary file in the same folder, flush it to disk, then rename: a crash leaves old or new."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def rng_state():
-    """Python, numpy, torch and CUDA generator states as plain lists (they travel through all_gather_object and
-    load with weights_only=True)."""
-    name, keys, *rest = np.random.get_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"python": random.getstate(), "numpy": (name, keys.tolist(), *rest),
-            "torch": torch.get_rng_state().tolist(), "cuda": [s.tolist() for s in cuda]}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def gather_rng_states(rt):
-    """Every rank's RNG state (dropout differs per rank), gathered on rank 0."""
-    state = rng_state()
-    if not rt.ddp:
-        return [state]
-    states = [None] * rt.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def save_checkpoint(path, *, model, optimizer, scaler, step, micro_step, config, args, rt, history, extra=None):
-    """The full training state. Every rank must call this (RNG states are gathered); rank 0 writes."""
-    states = gather_rng_states(rt)
-    if not rt.is_master:
-        return
-    atomic_torch_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "step": step, "micro_step": micro_step,
-                       "config": config.to_dict(), "args": vars(args), "rng": states, "world_size": rt.world_size,
-                       "history": history, "extra": extra or {}}, path)
-
-
-# Flags whose change would silently change what the data position in a checkpoint means.
-RESUME_INVARIANTS = ("batch_size", "accumulation_steps", "max_seq_len", "seed", "data_path")
-
-
-def resolve_resume(args):
-    """None, or the checkpoint path to resume from ('auto' = save_dir/latest_checkpoint.pth if it exists)."""
-    if args.resume_from is None:
-        return None
-    if args.resume_from == "auto":
-        path = os.path.join(args.save_dir, "latest_checkpoint.pth")
-        if not os.path.exists(path):
-            print(f"--resume_from auto: no {path} yet, starting from scratch.")
-            return None
-        return path
-    if not os.path.isfile(args.resume_from):
-        raise SystemExit(f"--resume_from {args.resume_from}: no such checkpoint file "
-                         f"(expected a latest_checkpoint.pth written by a training run)")
-    return args.resume_from
-
-
-def read_resume_checkpoint(args):
-    """(path, checkpoint) to resume from, or (None, None) for a fresh run."""
-    path = resolve_resume(args)
-    return (path, torch.load(path, map_location="cpu", weights_only=True)) if path else (None, None)
-
-
-def load_training_state(ckpt, path, *, model, optimizer, scaler, args, rt):
-    """Restore model, optimizer, scaler and this rank's RNG from a checkpoint written by save_checkpoint."""
-    saved = ckpt["args"]
-    changed = [f"{k}: {saved.get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_INVARIANTS
-               if k in saved and saved.get(k) != getattr(args, k, None)]
-    if ckpt["world_size"] != rt.world_size:
-        changed.append(f"world_size: {ckpt['world_size']} -> {rt.world_size}")
-    if changed:
-        raise SystemExit(f"cannot resume exactly from {path}; these settings differ from the saved run: "
-                         + "; ".join(changed))
-    load_state_strict(unwrap(model), ckpt["model"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"][rt.rank])
-
-
-def wrap_model(model, args, rt):
-    """torch.compile (if asked) and DDP around the model; the optimizer keeps using the plain model's parameters."""
-    model = torch.compile(model) if args.compile else model
-    if rt.ddp:
-        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return model
-
-
-def unwrap(model):
-    """The plain Transformer inside DDP and/or torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-# -------------------------------------------------------------------------------- final weights and model loading
-
-def tokenizer_fingerprint(tokenizer_dir):
-    with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
-
-
-def save_final(model, config, save_dir, stage, tokenizer_dir):
-    """save_dir/{stage}_final.pth (state dict + config, loads with weights_only=True) and a safetensors copy with
-    its config.json in save_dir/{stage}_final/."""
-    from safetensors.torch import save_model
-    model = unwrap(model)
-    meta = {"stage": stage, "tokenizer": tokenizer_fingerprint(tokenizer_dir)}
-    path = os.path.join(save_dir, f"{stage}_final.pth")
-    atomic_torch_save({"model": model.state_dict(), "config": config.to_dict(), "meta": meta}, path)
-    folder = os.path.join(save_dir, f"{stage}_final")
-    os.makedirs(folder, exist_ok=True)
-    save_model(model, os.path.join(folder, "model.safetensors"), metadata={k: str(v) for k, v in meta.items()})
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        f.write(config.to_json())
-    return path
-
-
-def load_state_strict(model, state, source):
-    """load_state_dict that names every missing, unexpected or mis-shaped key instead of leaving random weights."""
-    own = model.state_dict()
-    problems = []
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if mismatched:
-        problems.append(f"shape mismatches {mismatched}")
-    if problems:
-        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
-
-
-def read_weights(path):
-    """(LLMConfig, state dict, meta) from a final .pth, a latest_checkpoint.pth or a safetensors folder."""
-    if os.path.isdir(path):
-        from safetensors.torch import load_file
-        files = [os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")]
-        for f in files:
-            if not os.path.isfile(f):
-                raise FileNotFoundError(f"{path}: expected a folder with config.json and model.safetensors, "
-                                        f"{os.path.basename(f)} is missing")
-        with open(files[0]) as f:
-            config_dict, state, meta = json.load(f), load_file(files[1]), {}
-    elif os.path.isfile(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-            raise ValueError(f"{path}: not a checkpoint of this project (expected keys 'model' and 'config')")
-        config_dict, state, meta = ckpt["config"], ckpt["model"], ckpt.get("meta", {})
-    else:
-        raise FileNotFoundError(f"{path}: no such checkpoint (expected a .pth file or a safetensors folder)")
-    config = LLMConfig.from_dict(config_dict)
-    if config.tie_word_embeddings and "lm_head.weight" not in state:  # safetensors stores a tied tensor once
-        state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
-    return config, state, meta
-
-
-def build_model(config, state, source, device="cpu"):
-    """A Transformer of `config` holding exactly `state` (see load_state_strict)."""
-    model = Transformer(config)
-    load_state_strict(model, state, source)
-    return model.to(device)
-
-
-def load_model(path, device="cpu", **config_overrides):
-    """A Transformer from a checkpoint (see read_weights); returns (model, meta).
-
-    config_overrides change fields of the saved config (e.g. a longer max_seq_len with rope_scaling)."""
-    config, state, meta = read_weights(path)
-    config = dataclasses.replace(config, **{k: v for k, v in config_overrides.items() if v is not None})
-    return build_model(config, state, path, device), meta
-
-
-def check_tokenizer(meta, tokenizer_dir, source):
-    """Refuse weights trained with another tokenizer: their token ids would mean different text."""
-    expected = meta.get("tokenizer")
-    if expected is not None and expected != tokenizer_fingerprint(tokenizer_dir):
-        raise SystemExit(f"{source} was trained with another tokenizer (fingerprint {expected}) than "
-                         f"{tokenizer_dir} ({tokenizer_fingerprint(tokenizer_dir)}); pass the matching "
-                         f"--tokenizer_path")
 
 
 # ------------------------------------------------------------------------------------------ evaluation and speed
@@ -445,16 +337,22 @@ def require_files(paths, help_text):
     """Stop with help_text (where to get data) when an input file is missing."""
     for path in paths:
         if not os.path.isfile(path):
-            raise SystemExit(help_text.format(path=path))
+            raise UserError(help_text.format(path=path))
 
 
 def load_data(dataset_class, args, rt, max_seq_len):
     """The training and (with --eval_data) held-out datasets; rank 0 tokenizes into the cache first."""
-    def load(paths, skip_bad):
+    def load(paths, skip_bad):  # --skip_bad_lines covers the held-out files too: one rule, as the error says
         return dataset_class(paths, args.tokenizer_path, max_seq_len, cache_dir=args.cache_dir, skip_bad=skip_bad,
                              num_workers=args.num_workers)
     with master_first(rt):
-        return load(args.data_path, args.skip_bad_lines), load(args.eval_data, False) if args.eval_data else None
+        return (load(args.data_path, args.skip_bad_lines),
+                load(args.eval_data, args.skip_bad_lines) if args.eval_data else None)
+
+
+def data_identity(data, eval_data):
+    """What a resumed run must find again: the training and held-out data by content (the token caches' keys)."""
+    return {"train": data.fingerprint, "eval": eval_data.fingerprint if eval_data is not None else None}
 
 
 def bucketed_plan(data, args, rt):
@@ -504,15 +402,21 @@ def flops_per_token(config, seq_len):
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "A10": 125e12}
 
 
-def measure_cpu_peak_flops(size=1024, seconds=0.5):
-    """The fp32 matmul rate of this CPU with the current torch threads (the MFU denominator on CPU)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size ** 3 / (time.perf_counter() - t))
+def measure_cpu_peak_flops(sizes=(1024, 2048), seconds=1.0):
+    """The fp32 matmul rate of this CPU with the current torch threads (the MFU denominator on CPU): the best of
+    many timed matmuls at two sizes after a warm-up, so a moment of noise cannot make the peak look low (a low peak
+    is what turns into an MFU above 100%)."""
+    best = 0.0
+    for size in sizes:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        warm_until = time.perf_counter() + 0.2
+        while time.perf_counter() < warm_until:
+            a @ b
+        deadline = time.perf_counter() + seconds / len(sizes)
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * size ** 3 / (time.perf_counter() - t))
     return best
 
 
@@ -527,31 +431,66 @@ def peak_flops(device):
 
 class TrainingRun:
     """What every stage's loop shares around its own forward and backward passes: optimizer and loss scaler, the LR
-    schedule, the data position (restored exactly on resume), logging, periodic validation and checkpoints.
+    schedule, the data position (restored exactly on resume), logging, periodic validation and checkpoints, and a
+    clean stop on SIGTERM (preemption) or Ctrl-C: a checkpoint at the next step boundary, then a non-zero exit.
 
-    A stage loop reads:  while run.running(): lr, micro = run.start_step(); <forward/backward each micro-batch>;
-    loss = run.global_loss(...); grad_norm = run.optimizer_step(); run.end_step(metrics) (False: stop here).
+    A stage loop reads:  with TrainingRun(...) as run: while run.running(): lr, micro = run.start_step();
+    <forward/backward each micro-batch>; loss = run.global_loss(...); grad_norm = run.optimizer_step();
+    run.end_step(metrics) (False: stop here); then run.finish(). Leaving the `with` block, however it is left,
+    gives back the signal handlers and the save_dir lock.
+    `data_id` identifies the training data by content (datasets' `fingerprint`); a resume on other data is refused.
     """
 
-    def __init__(self, stage, args, rt, model, plan, ckpt=None, resume_path=None, evaluate=None, extra=None):
+    def __init__(self, stage, args, rt, model, plan, ckpt=None, resume_path=None, evaluate=None, extra=None,
+                 data_id=None):
         self.stage, self.args, self.rt, self.model, self.evaluate = stage, args, rt, model, evaluate
-        self.extra = extra or {}
+        self.extra = {**(extra or {}), "data": data_id}
         self.optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
         self.scaler = make_scaler(rt)
         self.schedule = Schedule(args, plan)
+        self.meta = {"stage": stage, "tokenizer": tokenizer_fingerprint(args.tokenizer_path),
+                     "total_steps": self.schedule.steps}
         self.step = self.micro_step = 0
         history = None
         if ckpt is not None:
-            load_training_state(ckpt, resume_path, model=model, optimizer=self.optimizer, scaler=self.scaler,
-                                args=args, rt=rt)
+            check_tokenizer(ckpt["meta"], args.tokenizer_path, resume_path)
+            load_training_state(ckpt, resume_path, model=model, optimizer=self.optimizer, scaler=self.scaler, rt=rt,
+                                data_id=data_id)
             self.step, self.micro_step, history = ckpt["step"], ckpt["micro_step"], ckpt["history"]
         else:
             seed_everything(args.seed + rt.rank)  # dropout masks differ across ranks
         self.train_model = wrap_model(model, args, rt)
         self.logger = TrainLogger(args, rt, stage, self.schedule.steps, self.step, history)
         self.batches = plan.micro_batches(self.micro_step)
-        self.latest = os.path.join(args.save_dir, "latest_checkpoint.pth")
+        self.latest = os.path.join(args.save_dir, LATEST)
         self.started = time.perf_counter()
+        self.signal = None
+        self.stop_requested = False
+        self.old_handlers = {}
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self.old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._restore_handlers()
+        release_save_dir(self.args.save_dir)
+
+    def _on_signal(self, signum, frame):
+        """First signal: finish the step, save, stop. A second one: stop now, the usual way."""
+        if self.signal is not None:
+            self._restore_handlers()
+            signal.raise_signal(signum)
+            return
+        self.signal = signum
+        if self.rt.is_master:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                  f"(again to stop at once)", file=sys.stderr, flush=True)
+
+    def _restore_handlers(self):
+        for sig, handler in self.old_handlers.items():
+            signal.signal(sig, handler)
 
     def running(self):
         return self.step < self.schedule.steps
@@ -571,20 +510,26 @@ class TrainingRun:
 
     def global_loss(self, local_loss):
         """The step's loss averaged over processes; a NaN/inf on any process stops every process before the
-        optimizer step, so the last checkpoint stays the last good state."""
-        mean, bad = all_reduce_sum(self.rt, [local_loss.item() / self.rt.world_size,
-                                             float(not torch.isfinite(local_loss))])
+        optimizer step, so the last checkpoint stays the last good state. The same all-reduce tells every process
+        whether any of them was asked to stop (a signal reaches each torchrun worker on its own)."""
+        mean, bad, stop = all_reduce_sum(self.rt, [local_loss.item() / self.rt.world_size,
+                                                   float(not torch.isfinite(local_loss)), float(self.signal is not None)])
         if bad:
             raise SystemExit(f"loss is {local_loss.item()} at step {self.step + 1}: stopping. {self.latest} still "
                              f"holds the last good state; try a lower --learning_rate or --dtype bfloat16.")
+        self.stop_requested = self.stop_requested or bool(stop)
         return mean
 
     def optimizer_step(self):
         """Unscale (fp16), clip the global gradient norm, step, update the loss scale, clear the gradients.
-        Returns the norm before clipping."""
+        Returns the norm before clipping. A non-finite norm stops the run before the update (fp16 excepted: its
+        loss scaler skips such steps by design)."""
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip or float("inf"))
+        if not self.scaler.is_enabled() and not torch.isfinite(grad_norm):
+            raise SystemExit(f"the gradient norm is {grad_norm.item()} at step {self.step + 1}: stopping before the "
+                             f"update. {self.latest} still holds the last good state; try a lower --learning_rate.")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -601,15 +546,18 @@ class TrainingRun:
         self.logger.log(self.step, metrics)
         if self.evaluate is not None and (self.step % self.args.eval_interval == 0 or last):
             self.logger.log_eval(self.step, self.evaluate())
-        if self.step % self.args.save_step == 0 or last or self.step == self.args.stop_step:
+        stop = self.step == self.args.stop_step or self.stop_requested
+        if self.step % self.args.save_step == 0 or last or stop:
             save_checkpoint(self.latest, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
-                            step=self.step, micro_step=self.micro_step, config=unwrap(self.model).config,
-                            args=self.args, rt=self.rt, history=self.logger.history, extra=self.extra)
-        return self.step != self.args.stop_step
+                            step=self.step, micro_step=self.micro_step, args=self.args, rt=self.rt,
+                            history=self.logger.history, meta=self.meta, extra=self.extra)
+            self.logger.note(f"step {self.step}: saved {self.latest}")
+        return not stop
 
     def finish(self, final_model=None):
         """Curves; the final weights (final_model, default the trained model) if the run reached its last step;
-        process-group teardown. Returns the final weights' path or None."""
+        process-group teardown. Returns the final weights' path or None. A run stopped by a signal exits here,
+        with status 130 (Ctrl-C) or 143 (SIGTERM), after its checkpoint was written."""
         curves, path = self.logger.close(), None
         if self.rt.is_master and not self.running():
             model = final_model or self.model
@@ -618,6 +566,8 @@ class TrainingRun:
         elif self.rt.is_master:
             print(f"stopped at step {self.step}/{self.schedule.steps}; continue with --resume_from {self.latest}")
         teardown(self.rt)
+        if self.stop_requested:
+            raise SystemExit(130 if self.signal in (None, signal.SIGINT) else 143)
         return path
 
 
@@ -634,11 +584,9 @@ class TrainLogger:
         self.history = history or {"train": [], "eval": []}
         self.t0 = time.perf_counter()
         self.bar = self.tracker = self.tb = None
+        self.tty = sys.stdout.isatty()
         if not self.enabled:
             return
-        if sys.stdout.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True)
         logger = "swanlab" if (args.use_wandb or args.use_swanlab) else args.logger
         if logger == "swanlab":
             self.tracker = start_swanlab(args, stage)
@@ -646,28 +594,42 @@ class TrainLogger:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(args.save_dir, "tensorboard", stage))
 
+    def _bar(self):
+        """The progress bar, made at the first step (so the stage's summary line is printed before it), at most 80
+        columns wide with the few numbers that fit; the plain log lines have them all."""
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, initial=self.start, desc=self.stage,
+                            ncols=min(80, shutil.get_terminal_size().columns),
+                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {remaining}{postfix}")
+        return self.bar
+
     def log(self, step, metrics):
         """Record training metrics of optimizer step `step` (1-based); print every log_interval steps."""
         if not self.enabled:
             return
         self.history["train"].append({"step": step, **metrics})
         self._track(step, metrics)
-        done = step - self.start
-        eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
-        text = format_metrics(metrics)
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
+        if self.tty:
+            short = {k: metrics[k] for k in ("loss", "tokens_per_s", "mfu") if k in metrics}
+            self._bar().set_postfix_str(format_metrics(short, sep=" "), refresh=False)
             self.bar.update(step - self.bar.n)
         elif step % self.log_interval == 0 or step == self.total:
-            print(f"{self.stage} step {step}/{self.total} | {text} | eta {format_seconds(eta)}", flush=True)
+            eta = (time.perf_counter() - self.t0) / max(step - self.start, 1) * (self.total - step)
+            print(f"{self.stage} step {step}/{self.total} | {format_metrics(metrics)} | eta {format_seconds(eta)}",
+                  flush=True)
+
+    def note(self, line):
+        """A line of its own (a saved checkpoint, a validation result), above the bar on a terminal."""
+        if self.enabled:
+            (self.bar.write if self.bar is not None else functools.partial(print, flush=True))(line)
 
     def log_eval(self, step, metrics):
         if not self.enabled:
             return
         self.history["eval"].append({"step": step, **metrics})
         self._track(step, metrics)
-        line = f"{self.stage} step {step}/{self.total} | {format_metrics(metrics)}"
-        (self.bar.write if self.bar is not None else print)(line)
+        self.note(f"{self.stage} step {step}/{self.total} | {format_metrics(metrics)}")
 
     def _track(self, step, metrics):
         if self.tracker is not None:
@@ -695,12 +657,12 @@ def start_swanlab(args, stage):
     logged_in = os.environ.get("SWANLAB_API_KEY") or os.path.exists(
         os.path.join(os.path.expanduser("~"), ".swanlab", ".netrc"))
     mode = os.environ.get("SWANLAB_MODE") or ("cloud" if logged_in else "offline")
-    swanlab.init(project=args.project, experiment_name=stage, config=vars(args), mode=mode,
+    swanlab.init(project=args.project, experiment_name=stage, config=run_settings(args), mode=mode,
                  logdir=os.path.join(args.save_dir, "swanlog"))
     return swanlab
 
 
-def format_metrics(metrics):
+def format_metrics(metrics, sep=" | "):
     parts = []
     for k, v in metrics.items():
         if k == "lr":
@@ -711,7 +673,7 @@ def format_metrics(metrics):
             parts.append(f"MFU {100 * v:.1f}%")
         else:
             parts.append(f"{k} {v:.4f}")
-    return " | ".join(parts)
+    return sep.join(parts)
 
 
 def format_seconds(s):
@@ -719,13 +681,19 @@ def format_seconds(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+# Metrics every stage logs; anything else a stage logs (DPO's reward accuracy and margins) gets a panel of its own.
+STANDARD_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
+
+
 def plot_curves(history, path, title):
-    """Loss (train and validation), learning rate and throughput against optimizer steps, as one PNG."""
+    """Loss (train and validation), learning rate, throughput and any stage-specific metrics against optimizer
+    steps, as one PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     train, evals = history["train"], history["eval"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    extra = sorted({k for r in train for k in r} - STANDARD_METRICS)
+    fig, axes = plt.subplots(1, 4 if extra else 3, figsize=(20 if extra else 15, 4))
     steps = [r["step"] for r in train]
     axes[0].plot(steps, [r["loss"] for r in train], label="train loss", linewidth=0.8)
     if evals:
@@ -736,6 +704,11 @@ def plot_curves(history, path, title):
     axes[1].set_title("learning rate")
     axes[2].plot(steps, [r.get("tokens_per_s", 0) for r in train])
     axes[2].set_title("tokens/s")
+    for key in extra:
+        axes[3].plot(steps, [r.get(key, float("nan")) for r in train], label=key, linewidth=0.8)
+    if extra:
+        axes[3].set_title(f"{title}: " + ", ".join(extra))
+        axes[3].legend()
     for ax in axes:
         ax.set_xlabel("optimizer step")
     fig.tight_layout()

@@ -1,18 +1,28 @@
 """pipeline.py: the README's main command, end to end on a small demo corpus, and its scoreboard."""
 import json
 import os
+import shlex
 
 import pytest
 
+import eval_model
 import pipeline
+from cli import UserError
 from demo_data import generate_demo
 
 
-def test_pipeline_runs_every_stage_and_writes_the_scoreboard(tmp_path):
+def test_pipeline_runs_every_stage_and_writes_the_scoreboard(tmp_path, capsys):
     data = tmp_path / "data"
     generate_demo(str(data), scale=0.03)
     pipeline.main(["--data_dir", str(data), "--out_dir", str(tmp_path / "run"), "--pretrain_epochs", "1",
                    "--sft_epochs", "1", "--distill_epochs", "1", "--eval_items", "8"])
+    out = capsys.readouterr().out
+    assert "=== stage 1/5: pretrain ===" in out and "=== stage 5/5: evaluation ===" in out
+    assert "evaluating dpo (4/4)" in out
+    chat = next(line for line in out.splitlines() if "python eval_model.py" in line)
+    argv = shlex.split(chat.split("#")[0])[2:]  # the printed next step works as printed (no dead end)
+    eval_model.main([*argv, "--prompt", "Hello", "--max_new_tokens", "3", "--temperature", "0"])
+    assert capsys.readouterr().out.strip()
     board = json.load(open(tmp_path / "run" / "scoreboard.json"))
     assert [r["stage"] for r in board["rows"]] == ["unigram", "pretrain", "sft", "distill", "dpo"]
     for row in board["rows"][1:]:
@@ -25,7 +35,7 @@ def test_pipeline_runs_every_stage_and_writes_the_scoreboard(tmp_path):
 
 def test_data_dir_must_hold_every_training_file(tmp_path):
     (tmp_path / "pretrain.jsonl").write_text('{"text": "hello"}\n')
-    with pytest.raises(SystemExit, match=r"sft\.jsonl is missing"):
+    with pytest.raises(UserError, match=r"sft\.jsonl is missing"):
         pipeline.main(["--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "run")])
 
 

@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, sample_sentence, write_jsonl
 
 import pretrain
+from cli import UserError
 from train_utils import load_model, lr_at
 
 SMALL = ["--preset", "tiny", "--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1",
@@ -150,7 +151,7 @@ def test_final_weights_load_for_inference(corpus, tokenizer_dir, tmp_path):
 
 
 def test_missing_data_explains_where_to_get_it(tmp_path):
-    with pytest.raises(SystemExit, match=r"(?s)no pretraining data at .*nothing\.jsonl.*modelscope download.*demo"):
+    with pytest.raises(UserError, match=r"(?s)no pretraining data at .*nothing\.jsonl.*modelscope download.*demo"):
         pretrain.main(["--data_path", str(tmp_path / "nothing.jsonl")])
 
 
@@ -158,5 +159,5 @@ def test_resume_refuses_changed_batch_size(corpus, tokenizer_dir, tmp_path):
     pretrain.main(args_for(corpus, tokenizer_dir, tmp_path, "--max_steps", "2"))
     changed = args_for(corpus, tokenizer_dir, tmp_path, "--max_steps", "4", "--resume_from", "auto")
     changed[changed.index("--batch_size") + 1] = "2"
-    with pytest.raises(SystemExit, match="batch_size: 4 -> 2"):
+    with pytest.raises(UserError, match=r"--batch_size 2 \(the run has 4\); --max_steps 4 \(the run has 2\)"):
         pretrain.main(changed)

@@ -15,7 +15,8 @@ import SFT
 from dataset import encode_chat
 from demo_data import generate_demo
 from model import Transformer
-from train_utils import load_model, read_weights
+from cli import UserError
+from train_utils import load_model, read_weights, tokenizer_fingerprint
 
 MODEL = ["--preset", "tiny", "--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1",
          "--max_seq_len", "128"]
@@ -133,13 +134,13 @@ def test_sft_refuses_a_checkpoint_of_another_tokenizer(setup, tmp_path):
     torch.save(ckpt, tmp_path / "other.pth")
     args = sft_args(setup, tmp_path, "--max_steps", "1")
     args[args.index("--pretrained_path") + 1] = str(tmp_path / "other.pth")
-    with pytest.raises(SystemExit, match="another tokenizer"):
+    with pytest.raises(UserError, match="another tokenizer"):
         SFT.main(args)
 
 
 def test_missing_data_explains_where_to_get_it(tmp_path):
     for stage in (SFT, distill, dpo):
-        with pytest.raises(SystemExit, match=r"(?s)no .*data at .*missing\.jsonl.*demo_data\.py"):
+        with pytest.raises(UserError, match=r"(?s)no .*data at .*missing\.jsonl.*demo_data\.py"):
             stage.main(["--data_path", str(tmp_path / "missing.jsonl")])
 
 
@@ -173,8 +174,9 @@ def test_teacher_distillation_keeps_teacher_frozen_and_checks_vocab(setup, tmp_p
     original = torch.load(setup["base"], weights_only=True)["model"]
     assert all(torch.equal(v, original[k]) for k, v in teacher_after.state_dict().items())
     other = Transformer(teacher_after.config.__class__(**{**teacher_after.config.to_dict(), "vocab_size": 600}))
-    torch.save({"model": other.state_dict(), "config": other.config.to_dict()}, tmp_path / "wide.pth")
-    with pytest.raises(SystemExit, match="must share the tokenizer"):
+    torch.save({"model": other.state_dict(), "config": other.config.to_dict(),
+                "meta": {"stage": "sft", "tokenizer": tokenizer_fingerprint(setup["tok"])}}, tmp_path / "wide.pth")
+    with pytest.raises(UserError, match="must share the tokenizer"):
         distill.main(distill_args(setup, tmp_path / "w", "--max_steps", "1", "--teacher_path",
                                   str(tmp_path / "wide.pth")))
 

@@ -1,4 +1,5 @@
-"""Shared plumbing: boolean flags, atomic checkpoint writes, strict loading, the LR schedule and the batch plan."""
+"""Shared plumbing: boolean flags, atomic checkpoint writes, strict loading, the LR schedule, the batch plan and
+the logger. Bad inputs to the stage scripts are in test_bad_inputs.py."""
 import argparse
 import os
 import pickle
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import train_utils as tu
+from checkpoint import CheckpointError, rng_state
 from Config import LLMConfig
 from model import Transformer
 
@@ -68,13 +70,13 @@ def test_load_model_round_trip_and_clear_errors(tmp_path):
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     longer, _ = tu.load_model(str(tmp_path / "m.pth"), max_seq_len=32)
     assert longer.config.max_seq_len == 32
-    with pytest.raises(FileNotFoundError, match="nope.pth: no such checkpoint"):
+    with pytest.raises(CheckpointError, match="nope.pth: no such checkpoint"):
         tu.load_model(str(tmp_path / "nope.pth"))
     torch.save({"weights": 1}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="expected keys 'model' and 'config'"):
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project .missing model, config"):
         tu.load_model(str(tmp_path / "other.pth"))
     (tmp_path / "folder").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
         tu.load_model(str(tmp_path / "folder"))
 
 
@@ -108,7 +110,7 @@ def test_ranks_split_each_global_batch():
 
 def test_rng_state_round_trips_through_pickle_and_weights_only(tmp_path):
     tu.seed_everything(5)
-    state = tu.rng_state()
+    state = rng_state()
     expected = torch.rand(3)
     torch.save({"rng": pickle.loads(pickle.dumps(state))}, tmp_path / "r.pth")
     torch.rand(10)
