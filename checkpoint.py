@@ -9,6 +9,8 @@ loading, and the claim on a save_dir (one run at a time; nothing of another run 
 Every form carries the stage that wrote it and the fingerprint of its tokenizer, and every load checks them. All
 files load with torch.load(weights_only=True); a file that cannot be read is one line naming it and the cause.
 """
+if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
+    raise SystemExit("checkpoint.py is a library module, not a script: the training scripts are pretrain.py, SFT.py, distill.py and dpo.py (see README.md)")
 import dataclasses
 import errno
 import fcntl

@@ -5,6 +5,8 @@
 The rule they serve: a bad input ends the program with a non-zero status and one line that names the flag (or the
 file and line) and what to do; a traceback is kept for bugs in the program itself.
 """
+if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
+    raise SystemExit("cli.py is a library module, not a script: every script imports it (see README.md)")
 import argparse
 import math
 import os
@@ -15,8 +17,16 @@ class UserError(Exception):
     """A problem with what the user gave (a flag, a file, a checkpoint): printed as one line by run_main."""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the docstring's example commands as written and shows every flag's default."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's example commands as written and shows each flag's default (unless its help already
+    says what the default is, or there is none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        return f"{text} (default: {default})".strip()
 
 
 def str2bool(value):

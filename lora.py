@@ -9,13 +9,15 @@ State-dict names: a wrapped `layers.0.self_attn.q_proj` holds `q_proj.base.weigh
 `q_proj.lora_A`, `q_proj.lora_B`. save_lora writes only the lora_A/lora_B tensors; merge_lora folds them into the base
 weights and restores plain nn.Linear modules, so a merged model has exactly the original Transformer keys again.
 """
+if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
+    raise SystemExit("lora.py is a library module, not a script: train adapters with SFT.py --lora_rank 8 (see README.md)")
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train_utils import atomic_torch_save, load_state_strict, unwrap
+from checkpoint import CheckpointError, atomic_torch_save, load_file, load_state_strict, unwrap
 
 # Matched against a module's last name, so the projections of every MoE expert and shared expert match too.
 # The router and the (tied) lm_head are never adapted.
@@ -116,9 +118,10 @@ def save_lora(model, path, meta=None):
 def load_lora(model, path):
     """Apply LoRA with the config saved in `path` to a plain model and load its adapters strictly; returns
     (model, meta). Missing, unexpected or mis-shaped adapter keys are an error that names them."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_file(path)
     if not isinstance(ckpt, dict) or "lora" not in ckpt or "lora_config" not in ckpt:
-        raise ValueError(f"{path}: not a LoRA adapter file (expected keys 'lora' and 'lora_config')")
+        raise CheckpointError(f"{path}: not a LoRA adapter file (expected keys 'lora' and 'lora_config'; "
+                              f"SFT.py --lora_rank writes save_dir/lora_sft.pth)")
     apply_lora(model, **ckpt["lora_config"])
     # The model's own base tensors plus the file's adapters: the shared strict loader then checks exactly the
     # adapter keys (a missing one is not papered over by the freshly initialised adapter).

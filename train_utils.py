@@ -2,6 +2,8 @@
 the LR schedule, the optimizer, the batch plan, the run itself (resume, signals, checkpoints: checkpoint.py),
 evaluation, throughput/MFU and logging. The stage scripts (pretrain.py, SFT.py, distill.py, dpo.py) show their loops.
 """
+if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
+    raise SystemExit("train_utils.py is a library module, not a script: the training scripts are pretrain.py, SFT.py, distill.py and dpo.py (see README.md)")
 import argparse
 import contextlib
 import functools
@@ -63,7 +65,7 @@ def add_training_args(parser, *, batch_size, learning_rate, epochs, max_seq_len=
       help="validate every N optimizer steps (and at the end)")
     a("--eval_batches", type=POSITIVE_INT, default=50, help="at most this many batches per validation")
     a("--log_interval", type=POSITIVE_INT, default=log_interval, help="log every N optimizer steps")
-    a("--seed", type=NONNEG_INT, default=1337)
+    a("--seed", type=NONNEG_INT, default=1337, help="seeds the data order, the initial weights and dropout")
     a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     a("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
       help="autocast dtype (default: bfloat16 on CUDA when supported, else float16; float32 on CPU)")

@@ -400,3 +400,9 @@ def test_pretraining_on_cpu_says_how_long_it_will_take():
     tiny = get_config("tiny")
     assert pretrain.cpu_estimate(tiny, args, tu.flops_per_token(tiny, 256), 250e9, argparse.Namespace(steps=20),
                                  plan) is None  # a run of seconds needs no warning
+
+
+@pytest.mark.parametrize("module", ["train_utils.py", "checkpoint.py", "dataset.py", "model.py", "lora.py", "cli.py"])
+def test_library_modules_say_they_are_not_scripts(module):
+    result = subprocess.run([sys.executable, module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    assert result.returncode == 1 and "is a library module, not a script" in result.stderr
