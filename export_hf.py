@@ -13,15 +13,24 @@ Dense models are exactly `LlamaForCausalLM` (the names already match, see model.
 Qwen2-MoE's two differences are removed by an exact weight transform: the q/k/v biases are switched off
 (qkv_bias=False), and its sigmoid gate on the shared expert gets zero weights, so the gate is the constant 0.5,
 which the shared down projection, doubled, cancels. Our n shared experts (always added) become its one shared
-expert of n·hidden_dim units: a sum of SwiGLU blocks is one SwiGLU with the units side by side.
+expert of n·hidden_dim units: a sum of SwiGLU blocks is one SwiGLU with the units side by side. Its
+router_aux_loss_coef is our aux_loss_alpha / k: transformers counts each token k times where our balance loss takes
+the share of routed slots, so fine-tuning the export with output_router_logits=True balances as hard as we did.
+
+The tokenizer's bos_token is <|endoftext|> and it is prepended by default (add_bos_token), so `tokenizer(text)`,
+`pipeline("text-generation")` and lm-eval's document prefix start raw text exactly as eval_ppl.py and raw prompts
+do ([<|endoftext|>] + text); apply_chat_template adds no bos, as our chat template has none.
 """
 import argparse
 import os
 
 import torch
 
+from cli import HelpFormatter, UserError, run_main
+from dataset import EOS, load_tokenizer
 from train_utils import ROOT, check_tokenizer, load_model, unwrap
 
+BOS = EOS  # the document boundary <|endoftext|>, which encode_raw puts before raw text
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -42,15 +51,21 @@ def rope_parameters(config):
 
 
 def special_token_ids(tokenizer):
-    """bos/eos/pad ids. Our tokenizer has no BOS (nothing is prepended), so, as Qwen2 does, the document separator
-    <|endoftext|> stands in where a format needs one. eos is the chat turn end <|im_end|>."""
-    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    """bos/eos/pad ids: bos is the document boundary <|endoftext|> (see BOS), eos the chat turn end <|im_end|>."""
+    endoftext = tokenizer.convert_tokens_to_ids(BOS)
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None or endoftext is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path} needs an eos token, a pad token and <|endoftext|> "
+        raise ValueError(f"tokenizer {tokenizer.name_or_path} needs an eos token, a pad token and {BOS} "
                          f"(train it with train_tokenizer.py)")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else endoftext
-    return {"bos_token_id": bos, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+    return {"bos_token_id": endoftext, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
             "stop_ids": list(dict.fromkeys((tokenizer.eos_token_id, endoftext)))}
+
+
+def export_tokenizer(tokenizer_dir):
+    """Our tokenizer with bos <|endoftext|> prepended to plain text (transformers rewrites the post-processor)."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer.bos_token = BOS
+    tokenizer.add_bos_token = True
+    return tokenizer
 
 
 def hf_config(config, ids, dtype):
@@ -70,7 +85,8 @@ def hf_config(config, ids, dtype):
         shared_expert_intermediate_size=config.n_shared_experts * config.hidden_dim,
         intermediate_size=config.hidden_dim,
         decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=False, use_sliding_window=False,
-        output_router_logits=False, **common)
+        output_router_logits=False, router_aux_loss_coef=config.aux_loss_alpha / config.num_experts_per_tok,
+        **common)
 
 
 def moe_layer_state(mlp, prefix):
@@ -122,10 +138,10 @@ def to_hf_model(model, tokenizer, dtype=torch.float32):
 
 def export_hf(model, tokenizer_dir, out_dir, dtype="float32"):
     """Write the Hugging Face folder (see the module docstring); returns out_dir."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} must be one of {sorted(DTYPES)}")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = export_tokenizer(tokenizer_dir)
     hf = to_hf_model(model, tokenizer, DTYPES[dtype])
     ids = special_token_ids(tokenizer)
     hf.generation_config = GenerationConfig(bos_token_id=ids["bos_token_id"], eos_token_id=ids["stop_ids"],
@@ -135,8 +151,18 @@ def export_hf(model, tokenizer_dir, out_dir, dtype="float32"):
     return out_dir
 
 
+def check_out_dir(out_dir, *inputs):
+    """--out_dir must be a folder (new or existing) that is none of the input folders: writing the export there
+    would replace the checkpoint's own model.safetensors/config.json or the tokenizer."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file; give a folder to write the Hugging Face model into")
+    for path in inputs:
+        if os.path.isdir(path) and os.path.realpath(out_dir) == os.path.realpath(path):
+            raise UserError(f"--out_dir {out_dir} is the input folder {path}; choose a new folder")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Export a checkpoint to a Hugging Face (transformers) folder.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model_path", required=True,
                         help="a *_final.pth, latest_checkpoint.pth or *_final/ safetensors folder")
     parser.add_argument("--out_dir", required=True, help="output folder (created; existing files are overwritten)")
@@ -148,16 +174,19 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_out_dir(args.out_dir, args.model_path, args.tokenizer_path)
     model, meta = load_model(args.model_path)
     check_tokenizer(meta, args.tokenizer_path, args.model_path)
     try:
         export_hf(model.eval(), args.tokenizer_path, args.out_dir, args.dtype)
     except ValueError as e:
-        raise SystemExit(f"export_hf.py: error: {args.model_path}: {e}") from None
+        raise UserError(f"{args.model_path}: {e}") from None
+    except OSError as e:
+        raise UserError(f"--out_dir {args.out_dir}: cannot write it ({e.strerror or e})") from None
     kind = "Qwen2MoeForCausalLM" if model.config.use_moe else "LlamaForCausalLM"
     print(f"wrote {kind} ({args.dtype}) to {os.path.abspath(args.out_dir)}; load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({args.out_dir!r})")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
