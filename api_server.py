@@ -1,23 +1,38 @@
 """An OpenAI-compatible HTTP server for a trained checkpoint, with continuous batching and a web chat page.
 
     python api_server.py --model_path results/sft_final.pth --port 8080
+    curl http://127.0.0.1:8080/v1/chat/completions -H "Content-Type: application/json" \
+         -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 50}'
 
 Then point any OpenAI client at it (`OpenAI(base_url="http://127.0.0.1:8080/v1", api_key=...)`), or open
 http://127.0.0.1:8080/ in a browser for the chat page. Endpoints:
 
-  POST /v1/chat/completions  messages (system first, then user/assistant), max_tokens (or max_completion_tokens),
-                             temperature, top_p, stop (a string or a list), seed, stream, stream_options.include_usage.
+  POST /v1/chat/completions  messages (a system or developer message first, then user/assistant), max_tokens (or
+                             max_completion_tokens), temperature, top_p, top_k, min_p, repetition_penalty, stop (a
+                             string or a list), seed, stream, stream_options.include_usage.
                              A reasoning model's <think>…</think> comes back as `reasoning_content`.
-  POST /v1/completions       raw text continuation of `prompt` (for pretrained models); same sampling fields.
-  GET  /v1/models            the served model.        GET /health   status and the number of active requests.
+  POST /v1/completions       raw text continuation of `prompt` (for pretrained models); same sampling fields. It
+                             ends at <|endoftext|> or <|im_end|>, and neither is part of the text.
+  GET  /v1/models            the served model.
+  GET  /health               status and the number of active and queued requests; 503 with status "engine_dead"
+                             and the error once the engine thread has died (restart the server then).
   GET  /                     the chat page (static; it sends the API key you type into it).
 
-max_tokens is honoured exactly, streaming or not; left out, the reply may fill the rest of the context. Requests
-that do not fit get a 400 error naming the token counts. completion_tokens counts every sampled token, the stop
-token included. Streams are Server-Sent Events in OpenAI's chunk format and end with `data: [DONE]`. Stop strings
-are matched in the visible text (content and reasoning_content, which are stripped of surrounding whitespace).
-Fields this server does not implement (n > 1, logprobs, penalties, tools, ...) are refused with a 400; the request's
-`model` is not checked (responses name the served model).
+Sampling: temperature 0 or top_p 0 is greedy; top_k 0, min_p 0 and repetition_penalty 1 are off. They apply in
+model.process_logits's order (repetition penalty, temperature, top-k, top-p), then min_p. max_tokens is honoured
+exactly, streaming or not; left out, the reply may fill the rest of the context. Requests that do not fit get a 400
+error naming the token counts. completion_tokens counts every sampled token, the stop token included. Streams are
+Server-Sent Events in OpenAI's chunk format and end with `data: [DONE]`. Stop strings are matched in the visible
+text (content and reasoning_content, which are stripped of surrounding whitespace). Message content is plain text: a
+"<|im_end|>" typed into a message is those characters, never a turn boundary. Fields that would change the reply but
+are not implemented (n > 1, logprobs, presence/frequency penalties, tools, response_format, reasoning_effort, ...)
+are refused with a 400, never ignored; the request's `model` is not checked (responses name the served model).
+
+Requests are checked before any work: POST bodies must be JSON (`Content-Type: application/json`, else 415) of at
+most --max_request_bytes (else 413). Bound to a loopback address (the default), the server answers only requests
+whose Host header is localhost, 127.0.0.1 or [::1] (any port; --allow_host adds names) and refuses others with 403,
+so neither a web page that rebinds its DNS name to 127.0.0.1 nor a cross-site form can use it. Prompts are
+tokenized on a worker thread, so a long one does not hold up other clients.
 
 Concurrent requests share the model: serving.Engine decodes all active requests (up to --max_batch_size) in one
 batched forward per step and admits new ones between steps; a client that disconnects frees its row at once.
@@ -28,6 +43,7 @@ import argparse
 import asyncio
 import collections
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -43,8 +59,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import AutoTokenizer
 
+from cli import POSITIVE_INT, HelpFormatter, number, run_main
+from dataset import load_tokenizer
 from eval_model import encode_prompt, encode_raw, inference_device, inference_dtype, load_for_inference, stop_ids
 from serving import Engine
 from train_utils import ROOT, check_tokenizer
@@ -54,9 +71,15 @@ ARGS_ENV = "API_SERVER_ARGS"      # how `--workers N` hands the flags to each wo
 OPEN_PATHS = ("/", "/health")     # no API key needed
 OWNER = "tiny-llm"
 PAGE = os.path.join(ROOT, "static", "chat.html")
-# Fields of OpenAI's API that would change the reply but are not implemented here, with their neutral values.
-UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": False, "top_logprobs": 0, "presence_penalty": 0,
-               "frequency_penalty": 0, "logit_bias": {}, "tools": [], "functions": [], "echo": False, "suffix": ""}
+MAX_REQUEST_BYTES = 2**20         # a full context of text is a few KB; the cap bounds what one request can cost
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# Fields of OpenAI's API that would change the reply but are not implemented here, with the values that change
+# nothing (none: any value is refused). null is always accepted.
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "presence_penalty": (0,),
+               "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
+               "tool_choice": ("none",), "function_call": ("none",), "echo": (False,), "suffix": ("",),
+               "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (), "prediction": (),
+               "reasoning_effort": (), "verbosity": (), "web_search_options": ()}
 UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|[A-Z]\w*)$")  # pydantic's names for union members
 
 
@@ -76,9 +99,31 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
+async def read_json(request, limit):
+    """The raw body of a JSON POST: 415 for another content type, 413 past `limit` bytes (checked from
+    Content-Length first, then while the body streams in, which also covers chunked uploads)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"the body must be JSON sent as Content-Type: application/json, got "
+                            f"{media_type or 'no Content-Type'}", code="unsupported_media_type")
+    if int(request.headers.get("content-length", 0)) > limit:
+        raise too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(limit):
+    return APIError(413, f"the request body is larger than {limit} bytes (the server's --max_request_bytes)",
+                    code="request_too_large")
+
+
 def parse_body(model, raw):
-    """The request body as `model`; malformed JSON or a field of the wrong type is a 400 naming the first problem.
-    (Any content type is read as JSON: `curl -d` sends form encoding unless told otherwise.)"""
+    """The request body as `model`; malformed JSON or a field of the wrong type is a 400 naming the first problem."""
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
@@ -123,16 +168,46 @@ class RequireKey:
         await self.app(scope, receive, send)
 
 
+class RequireHost:
+    """ASGI middleware: only Host headers naming one of `allowed` (any port) are answered, others get 403. A page
+    that rebinds its own DNS name to 127.0.0.1 still sends its own name as Host, so this keeps a loopback-only
+    server out of reach of web pages."""
+
+    def __init__(self, app, allowed):
+        self.app, self.allowed = app, {host.lower() for host in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = host_name(Headers(scope=scope).get("host", ""))
+            if host not in self.allowed:
+                problem = (f"Host {host!r} is not served here (only {', '.join(sorted(self.allowed))}; start the "
+                           f"server with --allow_host NAME to accept another name)")
+                await APIError(403, problem, code="host_not_allowed").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def host_name(header):
+    """The Host header without its port: "localhost:8080" -> "localhost", "[::1]:8080" -> "[::1]"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[:header.find("]") + 1]
+    return header.partition(":")[0]
+
+
 # ------------------------------------------------------------------------------------------------ request bodies
 
 class Body(BaseModel):
-    """Fields shared by both completion endpoints; types are strict ("5" is not an integer)."""
-    model_config = ConfigDict(extra="allow", strict=True)
+    """Fields shared by both completion endpoints; types are strict ("5" is not an integer), numbers finite."""
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, ge=0, le=1)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -141,7 +216,7 @@ class Body(BaseModel):
     def check(self):
         """Refuse unimplemented OpenAI fields that are set to something other than their neutral value."""
         for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED and value is not None and value != UNSUPPORTED[name]:
+            if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
                 raise APIError(400, f"'{name}' is not supported by this server", param=name,
                                code="unsupported_parameter")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -162,7 +237,7 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True)
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[TextPart]
 
     def text(self):
@@ -188,12 +263,14 @@ class CompletionBody(Body):
 # --------------------------------------------------------------------------------------------- prompt checking
 
 def chat_messages(body):
-    """The messages as dicts for encode_prompt; a system message anywhere but first is an error."""
-    for i, message in enumerate(body.messages[1:], 1):
-        if message.role == "system":
-            raise APIError(400, f"messages[{i}] is a system message; only the first message may be one",
-                           param=f"messages.{i}.role")
-    return [{"role": m.role, "content": m.text()} for m in body.messages]
+    """The messages as dicts for encode_prompt (a developer message is a system message); a system message
+    anywhere but first is an error."""
+    roles = ["system" if m.role == "developer" else m.role for m in body.messages]
+    for i, role in enumerate(roles[1:], 1):
+        if role == "system":
+            raise APIError(400, f"messages[{i}] is a {body.messages[i].role} message; only the first message may be "
+                                f"a system or developer message", param=f"messages.{i}.role")
+    return [{"role": role, "content": m.text()} for role, m in zip(roles, body.messages)]
 
 
 def reply_budget(body, n_prompt, context, param):
@@ -251,10 +328,13 @@ class Job:
         self.created = int(time.time())
 
     def submit(self, sink):
-        tokenizer = self.server.tokenizer
+        body = self.body
+        # Both endpoints end at <|im_end|> too: a chat model's turn end is never part of a completion's text.
+        ends = stop_ids(self.server.tokenizer, raw=False)
         return self.server.engine.submit(
-            self.prompt_ids, self.max_tokens, sink, chat=self.chat, stop_ids=stop_ids(tokenizer, raw=not self.chat),
-            stop_strings=self.stops, temperature=self.body.temperature, top_p=self.body.top_p, seed=self.body.seed)
+            self.prompt_ids, self.max_tokens, sink, chat=self.chat, stop_ids=ends, stop_strings=self.stops,
+            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty, seed=body.seed)
 
     def usage(self, completion_tokens):
         n = len(self.prompt_ids)
@@ -326,10 +406,17 @@ class Server:
         self.context = engine.config.max_seq_len
         self.created = int(time.time())
 
+    def check_engine(self):
+        if not self.engine.alive:
+            raise APIError(503, f"the engine thread is not running ({self.engine.failure or 'stopped'}); restart "
+                                f"the server", kind="server_error", code="engine_dead")
+
 
 async def chat_completions(server, body, request):
     messages = chat_messages(body)
-    ids = encode_prompt(server.tokenizer, messages)
+    server.check_engine()
+    # Tokenizing a long prompt takes a while: on a worker thread the event loop goes on serving the others.
+    ids = await asyncio.to_thread(encode_prompt, server.tokenizer, messages)
     job = Job(server, body, ids, reply_budget(body, len(ids), server.context, "messages"), chat=True)
     field = {"answer": "content", "reasoning": "reasoning_content"}
 
@@ -354,7 +441,9 @@ async def chat_completions(server, body, request):
 
 
 async def completions(server, body, request):
-    ids = encode_raw(server.tokenizer, body.text())
+    text = body.text()
+    server.check_engine()
+    ids = await asyncio.to_thread(encode_raw, server.tokenizer, text)
     job = Job(server, body, ids, reply_budget(body, len(ids), server.context, "prompt"), chat=False)
 
     def chunk(section, text, finish_reason=None):
@@ -370,8 +459,9 @@ async def completions(server, body, request):
     return chunk("text", texts["text"], finish_reason) | {"usage": job.usage(n)}
 
 
-def create_app(engine, tokenizer, model_name, api_key=None):
-    """The FastAPI app; its lifespan starts and stops the engine's scheduler thread."""
+def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=MAX_REQUEST_BYTES, allowed_hosts=None):
+    """The FastAPI app; its lifespan starts and stops the engine's scheduler thread. allowed_hosts: the Host names
+    answered (None: any)."""
     server = Server(engine, tokenizer, model_name)
     with open(PAGE, encoding="utf-8") as f:
         page = f.read()
@@ -385,16 +475,20 @@ def create_app(engine, tokenizer, model_name, api_key=None):
     add_error_handlers(app)
     if api_key:
         app.add_middleware(RequireKey, api_key=api_key)
+    if allowed_hosts is not None:
+        app.add_middleware(RequireHost, allowed=allowed_hosts)  # added last, so it runs first
     model_card = {"id": model_name, "object": "model", "created": server.created, "owned_by": OWNER}
     v1 = APIRouter(prefix="/v1")
 
     @v1.post("/chat/completions")
     async def chat_route(request: Request):
-        return await chat_completions(server, parse_body(ChatBody, await request.body()), request)
+        body = parse_body(ChatBody, await read_json(request, max_request_bytes))
+        return await chat_completions(server, body, request)
 
     @v1.post("/completions")
     async def completions_route(request: Request):
-        return await completions(server, parse_body(CompletionBody, await request.body()), request)
+        body = parse_body(CompletionBody, await read_json(request, max_request_bytes))
+        return await completions(server, body, request)
 
     @v1.get("/models")
     async def models():
@@ -409,6 +503,9 @@ def create_app(engine, tokenizer, model_name, api_key=None):
 
     @app.get("/health")
     async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "engine_dead", "model": model_name,
+                                 "error": engine.failure or "the engine thread is not running"}, status_code=503)
         return {"status": "ok", "model": model_name, "active": engine.active, "queued": engine.queued,
                 "max_batch_size": engine.max_batch_size}
 
@@ -423,7 +520,7 @@ def create_app(engine, tokenizer, model_name, api_key=None):
 # --------------------------------------------------------------------------------------------------- the CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--model_path", default=os.path.join("results", "sft_final.pth"),
       help="a *_final.pth, a latest_checkpoint.pth or a *_final/ safetensors folder")
@@ -433,13 +530,17 @@ def parse_args(argv=None):
       "sft_final)")
     a("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes the server to the network (set an "
       "API key then)")
-    a("--port", type=int, default=8080)
+    a("--port", type=number(int, 1, 65535), default=8080)
+    a("--allow_host", action="append", default=None, metavar="NAME", help="bound to loopback, the server answers only "
+      "Host headers localhost, 127.0.0.1 and [::1]; this accepts another name too (repeatable; '*' accepts any, "
+      "e.g. behind a reverse proxy that sends its own name)")
     a("--api_key", default=os.environ.get(KEY_ENV), help=f"require `Authorization: Bearer KEY` (default: the "
       f"{KEY_ENV} environment variable, which other users cannot read in the process list; unset = no key)")
-    a("--max_batch_size", type=int, default=32, help="requests decoded together; more wait in a queue (the KV "
-      "cache for this many full-context rows is allocated at start)")
-    a("--workers", type=int, default=1, help="worker processes, each with its own copy of the model, its own "
-      "batching scheduler and --max_batch_size rows, sharing the port. 1 is right for one GPU: a single process "
+    a("--max_request_bytes", type=POSITIVE_INT, default=MAX_REQUEST_BYTES, help="larger request bodies get 413")
+    a("--max_batch_size", type=POSITIVE_INT, default=32, help="requests decoded together; more wait in a queue (the "
+      "KV cache for this many full-context rows is allocated at start)")
+    a("--workers", type=POSITIVE_INT, default=1, help="worker processes, each with its own copy of the model, its "
+      "own batching scheduler and --max_batch_size rows, sharing the port. 1 is right for one GPU: a single process "
       "batches all concurrent requests into shared forward passes, while N processes hold N copies and batch "
       "separately. N > 1 helps on a many-core CPU (each worker gets cores/N threads) or to overlap Python "
       "overhead for very small models")
@@ -452,26 +553,41 @@ def parse_args(argv=None):
     if not os.path.exists(args.model_path):
         p.error(f"--model_path {args.model_path}: no such checkpoint (train one, e.g. `python SFT.py`, or pass "
                 f"another path)")
-    for flag in ("max_batch_size", "workers"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     return args
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
+def allowed_hosts(args):
+    """The Host names to answer: localhost, 127.0.0.1, [::1] and --allow_host when bound to loopback, else any."""
+    extra = tuple(args.allow_host or ())
+    if not is_loopback(args.host) or "*" in extra:
+        return None
+    return LOOPBACK_HOSTS + extra
 
 
 def build_app(args):
     """Load the model and tokenizer named by the flags and wrap them in the app."""
+    tokenizer = load_tokenizer(args.tokenizer_path)  # first: a mistyped path fails before the model loads
     device = inference_device(args.device)
     model, meta = load_for_inference(args.model_path, device, inference_dtype(args.dtype, device), args.lora_path,
                                      args.quantize)
     check_tokenizer(meta, args.tokenizer_path, args.model_path)
     name = args.model_name or os.path.basename(os.path.normpath(args.model_path)).removesuffix(".pth")
-    engine = Engine(model, AutoTokenizer.from_pretrained(args.tokenizer_path), args.max_batch_size)
+    # The engine decodes on its own thread with its own tokenizer; the routes encode prompts with this one.
+    engine = Engine(model, load_tokenizer(args.tokenizer_path), args.max_batch_size)
     quantized = f" ({args.quantize} weights)" if args.quantize != "none" else ""
     print(f"{args.model_path}: {meta.get('stage', 'unknown')} stage, {model.config.param_counts()[0]:,} parameters"
           f"{quantized}, context {model.config.max_seq_len}, on {device}; serving as '{name}', batches of up to "
           f"{args.max_batch_size} (KV cache {engine.cache_bytes / 2**20:.0f} MiB)", file=sys.stderr)
-    # The engine decodes on its own thread with its own tokenizer; the routes encode prompts with this one.
-    return create_app(engine, AutoTokenizer.from_pretrained(args.tokenizer_path), name, args.api_key)
+    return create_app(engine, tokenizer, name, args.api_key, args.max_request_bytes, allowed_hosts(args))
 
 
 def worker_app():
@@ -484,13 +600,14 @@ def worker_app():
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if not is_loopback(args.host) and not args.api_key:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach the port can use the "
               f"model (set --api_key or {KEY_ENV})", file=sys.stderr)
     if args.workers == 1:
         app = build_app(args)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
         return
+    load_tokenizer(args.tokenizer_path)  # a bad path is one line here, not a traceback in every worker
     os.environ[ARGS_ENV] = json.dumps(vars(args))
     # A spawned worker re-imports this script (torch, transformers) before it can answer the supervisor's health
     # pings; on a busy machine that exceeds uvicorn's 5 s default and the worker would be killed and respawned.
@@ -499,4 +616,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,8 +9,8 @@ How the scheduler works (Engine):
   row's tokens fill its last `cached` slots and the slots before them are left padding, masked out with
   attention_mask. RoPE scores depend only on relative positions, so left padding needs no position shift.
 - One batched forward per decode step feeds every row's last sampled token; every row then samples with its own
-  temperature, top_p and random stream (a seeded request draws from its own generator, so its output does not
-  depend on which other requests share the batch).
+  repetition_penalty, temperature, top_k, top_p, min_p and random stream (a seeded request draws from its own
+  generator, so its output does not depend on which other requests share the batch).
 - The model puts the key of slot s at RoPE position s. When rows have to move (a new prompt longer than the
   batch's `length` shifts the others right; a full cache, or one that is mostly padding, is compacted to the left)
   their keys are rotated by the shift, which is exact because a RoPE rotation by a+b equals rotations by a then b.
@@ -137,6 +137,10 @@ class Request:
     rng: random.Random
     output: TextOutput
     sink: object
+    top_k: int = 0                  # 0 = off
+    min_p: float = 0.0              # 0 = off
+    repetition_penalty: float = 1.0
+    seen: torch.Tensor = None       # (vocab,) bool: prompt and sampled ids, kept only for a repetition penalty
     cancelled: bool = False
     generated: int = 0     # tokens sampled so far (the stop token included)
     cached: int = 0        # tokens in this request's cache row
@@ -175,19 +179,23 @@ class Engine:
         self.waiting = queue.Queue()
         self.thread = None
         self.stopping = threading.Event()
+        self.failure = None      # why the scheduler thread died, if it did
 
     # ------------------------------------------------------------------ public, called from the server's threads
 
     def submit(self, prompt_ids, max_tokens, sink, chat=True, stop_ids=(), stop_strings=(), temperature=1.0,
-               top_p=1.0, seed=None):
+               top_p=1.0, seed=None, top_k=0, min_p=0.0, repetition_penalty=1.0):
         """Queue a generation; returns its Request (call .cancel() when the client goes away). The caller checks
-        that prompt + max_tokens fits in max_seq_len."""
+        that prompt + max_tokens fits in max_seq_len. If the scheduler thread has died, sink gets the error."""
         if len(prompt_ids) + max_tokens > self.config.max_seq_len or not prompt_ids or max_tokens < 1:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens={max_tokens} must be at least 1 + 1 "
                              f"and fit in max_seq_len={self.config.max_seq_len}")
         output = TextOutput(self.tokenizer, stop_ids, list(stop_strings), chat)
-        request = Request(list(prompt_ids), max_tokens, temperature, top_p, random.Random(seed), output, sink)
+        request = Request(list(prompt_ids), max_tokens, temperature, top_p, random.Random(seed), output, sink,
+                          top_k, min_p, repetition_penalty)
         self.waiting.put(request)
+        if self.failure:  # put after the dying thread emptied the queue: nobody else will answer it
+            self._fail_waiting()
         return request
 
     @property
@@ -201,6 +209,11 @@ class Engine:
     @property
     def queued(self):
         return self.waiting.qsize()
+
+    @property
+    def alive(self):
+        """Whether the scheduler thread is running (False before start, after stop, and once it has died)."""
+        return self.thread is not None and self.thread.is_alive()
 
     def start(self):
         self.stopping.clear()
@@ -217,12 +230,31 @@ class Engine:
     # ---------------------------------------------------------------------------------------- the scheduler loop
 
     def _run(self):
-        with torch.inference_mode(), sdpa_kernel(DECODE_BACKENDS):
-            while not self.stopping.is_set():
-                self._admit()
-                self._drop([i for i, r in enumerate(self.rows) if r.cancelled])
-                if self.rows:
-                    self._guarded(list(self.rows), self._step)
+        """The scheduler loop. A failure outside one request's work (_guarded) ends the thread: it is logged,
+        kept in self.failure for /health, and every active or waiting request gets it as its error."""
+        try:
+            with torch.inference_mode(), sdpa_kernel(DECODE_BACKENDS):
+                while not self.stopping.is_set():
+                    self._admit()
+                    self._drop([i for i, r in enumerate(self.rows) if r.cancelled])
+                    if self.rows:
+                        self._guarded(list(self.rows), self._step)
+        except Exception as e:
+            traceback.print_exc()
+            self.failure = f"{type(e).__name__}: {e}"
+            for request in self.rows:
+                request.sink([("error", f"the engine stopped: {self.failure}")])
+            self.rows = []
+            self._fail_waiting()
+
+    def _fail_waiting(self):
+        """Answer every waiting request with the failure that ended the scheduler thread."""
+        while True:
+            try:
+                request = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            request.sink([("error", f"the engine stopped: {self.failure}")])
 
     def _admit(self):
         """Prefill waiting requests into free rows; when nothing is active, wait (briefly) for one."""
@@ -257,6 +289,9 @@ class Engine:
         self.mask[row, start:self.length] = True
         attention_mask = self.mask[row:row + 1, :self.length] if start else None
         ids = torch.tensor([request.prompt_ids], device=self.device)
+        if request.repetition_penalty != 1.0:
+            request.seen = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.device)
+            request.seen[ids[0]] = True
         logits = self.model(ids, cache=view, attention_mask=attention_mask, last_only=True).logits[:, -1]
         request.cached = n
         self.rows.append(request)
@@ -287,6 +322,8 @@ class Engine:
         for request, token in zip(requests, tokens.tolist()):
             request.generated += 1
             request.pending = token
+            if request.seen is not None:
+                request.seen[token] = True
             output = request.output
             events = output.push(token)
             if output.finish_reason or request.generated == request.max_tokens:
@@ -330,24 +367,58 @@ class Engine:
 
 
 def sample(logits, requests):
-    """Next token per row of (B, vocab) logits: greedy for temperature 0, else top-p sampling at the row's
-    temperature (model.process_logits's order and top-p rule, vectorised over rows with per-row parameters).
+    """Next token per row of (B, vocab) logits: greedy for temperature 0 or top_p 0, else a draw from the row's
+    distribution() (every row with its own parameters).
 
     Each sampled row draws one uniform number from its own random.Random and inverts the cumulative
     distribution, so a seeded request's draws do not depend on the other rows."""
-    logits = logits.float()
+    logits = penalise(logits.float(), requests)
     greedy = logits.argmax(dim=-1)
-    temperature = torch.tensor([r.temperature for r in requests], device=logits.device)
-    if not (temperature > 0).any():
+    drawn = [r.temperature > 0 and r.top_p > 0 for r in requests]
+    if not any(drawn):
         return greedy
-    probs = (logits / temperature.clamp(min=1e-6)[:, None]).softmax(dim=-1)
-    if any(r.top_p < 1.0 for r in requests):  # sorting the vocabulary is the costly part: only when needed
-        top_p = torch.tensor([r.top_p for r in requests], device=logits.device)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token when the more likely ones already reach top_p; the most likely token always stays.
-        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p[:, None]
-        probs = probs.masked_fill(drop_sorted.scatter(1, order, drop_sorted), 0.0)
-    cdf = probs.cumsum(dim=-1)
+    cdf = distribution(logits, requests).cumsum(dim=-1)
     u = torch.tensor([1.0 - r.rng.random() for r in requests], device=logits.device)  # in (0, 1]
     sampled = (cdf < (u * cdf[:, -1])[:, None]).sum(dim=-1)                            # first cdf >= u·total
-    return torch.where(temperature > 0, sampled, greedy)
+    return torch.where(torch.tensor(drawn, device=logits.device), sampled, greedy)
+
+
+def penalise(logits, requests):
+    """model.process_logits's repetition penalty with a per-row penalty: every id a row has seen (its prompt and
+    its sampled tokens) is pushed down, a negative logit multiplied, a positive one divided."""
+    if all(r.repetition_penalty == 1.0 for r in requests):
+        return logits
+    unseen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    seen = torch.stack([unseen if r.seen is None else r.seen for r in requests])
+    penalty = torch.tensor([r.repetition_penalty for r in requests], device=logits.device)[:, None]
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def distribution(logits, requests):
+    """Unnormalised sampling probabilities of (B, vocab) penalised logits: softmax at each row's temperature, then
+    model.process_logits's top-k (ties kept) and top-p rules (top-p over the top-k survivors; the most likely token
+    stays, as top_p > 0), then min_p as transformers has it (drop tokens below min_p times the top probability).
+    Rows that sample greedily get a temperature-1 distribution that sample() ignores."""
+    device = logits.device
+    temperature = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in requests], device=device)
+    probs = (logits / temperature[:, None]).softmax(dim=-1)
+    if any(r.top_k > 0 or r.top_p < 1.0 for r in requests):  # sorting the vocabulary is the costly part
+        probs = truncate_sorted(probs, requests)
+    if any(r.min_p > 0 for r in requests):
+        min_p = torch.tensor([r.min_p for r in requests], device=device)[:, None]
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def truncate_sorted(probs, requests):
+    """probs with each row's top-k and top-p cuts applied (0 = no top-k; top_p 1 = no top-p)."""
+    vocab, device = probs.shape[-1], probs.device
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    k = torch.tensor([min(r.top_k, vocab) if r.top_k > 0 else vocab for r in requests], device=device)
+    kth = sorted_probs.gather(1, (k - 1)[:, None])
+    sorted_probs = sorted_probs.masked_fill(sorted_probs < kth, 0.0)
+    # Drop a token when the more likely ones already reach top_p of what top-k kept (inf: never, for top_p 1).
+    top_p = torch.tensor([r.top_p if r.top_p < 1.0 else float("inf") for r in requests], device=device)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    drop = cumulative - sorted_probs >= top_p[:, None] * cumulative[:, -1:]
+    return torch.zeros_like(probs).scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
