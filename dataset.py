@@ -274,7 +274,9 @@ def plain_tokenizer(tokenizer):
 
 def encode_text(tokenizer, text):
     """Token ids of text as text: "<|endoftext|>" inside it is 13 characters, never the document boundary."""
-    return plain_tokenizer(tokenizer).encode(text, add_special_tokens=False).ids
+    # encode_batch releases the GIL while it works (encode does not): a server thread tokenizing a long prompt then
+    # leaves the event loop free.
+    return plain_tokenizer(tokenizer).encode_batch([text], add_special_tokens=False)[0].ids
 
 
 def _text_pieces(text):

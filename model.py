@@ -356,8 +356,10 @@ def process_logits(logits, seen, temperature, top_k, top_p, repetition_penalty):
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the more likely ones already reach top_p; the most likely token always stays.
+        # Drop a token when the more likely ones already reach top_p; the most likely token always stays (so top_p 0
+        # is greedy rather than an empty distribution).
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted[:, 0] = False
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return logits
 

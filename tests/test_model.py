@@ -203,6 +203,8 @@ def test_process_logits_penalty_and_filters():
     out = process_logits(logits, torch.zeros_like(seen), 1.0, None, 0.8, 1.0)
     assert torch.isfinite(out[0]).tolist() == [True, False, True, False]
     assert probs[0] < 0.8 < probs[0] + probs[2]
+    out = process_logits(logits, torch.zeros_like(seen), 1.0, None, 0.0, 1.0)  # top_p 0: greedy, never all -inf
+    assert torch.isfinite(out[0]).tolist() == [True, False, False, False]
 
 
 def test_weighted_loss_is_mean_over_weighted_tokens():
