@@ -9,14 +9,13 @@ r"""Supervised fine-tuning on conversations: the loss covers only the assistant 
 Model shape comes from the checkpoint. Writes save_dir/sft_final.pth (merged with the adapters when LoRA is on),
 save_dir/latest_checkpoint.pth for exact resume, and save_dir/sft_curves.png.
 """
-import argparse
 import dataclasses
 import os
 
 import torch
 
 import train_utils as tu
-from cli import NONNEG_INT, POSITIVE, HelpFormatter, UserError, number, run_main
+from cli import NONNEG_INT, POSITIVE, ArgumentParser, UserError, number, run_main
 from Config import LLMConfig, describe
 from dataset import SFTDataset, collate_sft
 from lora import TARGETS, apply_lora, lora_summary, merge_lora, save_lora
@@ -31,7 +30,7 @@ Or the built-in demo corpus: python demo_data.py --out_dir data/demo (then --dat
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--data_path", nargs="+", default=["sft_512.jsonl"], help="conversation JSONL file(s)")
     p.add_argument("--pretrained_path", default=None, help="start from these weights "
                    "(default: save_dir/pretrain_final.pth)")

@@ -60,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cli import POSITIVE_INT, HelpFormatter, number, run_main
+from cli import POSITIVE_INT, ArgumentParser, number, run_main
 from dataset import load_tokenizer
 from eval_model import encode_prompt, encode_raw, inference_device, inference_dtype, load_for_inference, stop_ids
 from serving import Engine
@@ -520,7 +520,7 @@ def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=MA
 # --------------------------------------------------------------------------------------------------- the CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     a = p.add_argument
     a("--model_path", default=os.path.join("results", "sft_final.pth"),
       help="a *_final.pth, a latest_checkpoint.pth or a *_final/ safetensors folder")

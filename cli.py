@@ -1,6 +1,6 @@
 """Command-line plumbing every script shares: checked flag types, --help that shows defaults, one-line errors.
 
-    from cli import HelpFormatter, UserError, add_bool_flag, number, run_main
+    from cli import ArgumentParser, UserError, add_bool_flag, number, run_main
 
 The rule they serve: a bad input ends the program with a non-zero status and one line that names the flag (or the
 file and line) and what to do; a traceback is kept for bugs in the program itself.
@@ -27,6 +27,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
         return f"{text} (default: {default})".strip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with HelpFormatter, whose errors are one line (`prog: error: ... (see --help)`) instead of the usage
+    block followed by the error."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def str2bool(value):

@@ -21,7 +21,6 @@ file. Same seed, same bytes.
 Train on it with the shipped tokenizer/: a BPE trained on this templated text learns whole Chinese facts ("X养了一条
 金鱼") as single tokens, which turns fact recall into a vocabulary lookup.
 """
-import argparse
 import json
 import os
 import random
@@ -30,7 +29,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from cli import NONNEG_INT, HelpFormatter, UserError, number, run_main
+from cli import NONNEG_INT, ArgumentParser, UserError, number, run_main
 
 # ------------------------------------------------------------------------------------------------- the world
 # (English, 中文[, measure word]) pairs. Within one attribute no value is a substring of another, and no value is a
@@ -630,7 +629,7 @@ MAX_SCALE = 1000  # ~2 GB of pretraining text; beyond that the demo is no demo
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]))
     parser.add_argument("--out_dir", default="data/demo", help="folder for the JSONL files (created if needed)")
     parser.add_argument("--seed", type=NONNEG_INT, default=0, help="same seed, byte-identical files")
     parser.add_argument("--scale", type=number(float, low=0, low_open=True, high=MAX_SCALE), default=1.0,

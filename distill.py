@@ -11,13 +11,12 @@ of <think> </think> <answer> </answer> (single tokens), and normalises by the su
 Teacher→student: loss = (1 − α)·CE + α·T²·KL(teacher ‖ student) over the same assistant tokens; the teacher is
 frozen and must share the tokenizer. Writes save_dir/distill_final.pth and save_dir/distill_curves.png.
 """
-import argparse
 
 import torch
 import torch.nn.functional as F
 
 import train_utils as tu
-from cli import NONNEG, POSITIVE, HelpFormatter, UserError, number, run_main
+from cli import NONNEG, POSITIVE, ArgumentParser, UserError, number, run_main
 from Config import LLMConfig, describe
 from dataset import SFTDataset, collate_sft
 from model import Transformer, weighted_cross_entropy
@@ -33,7 +32,7 @@ Or the built-in demo corpus: python demo_data.py --out_dir data/demo (then --dat
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--data_path", nargs="+", default=["r1_1024.jsonl"], help="conversation JSONL file(s)")
     p.add_argument("--sft_path", default=None, help="the student's starting weights (default: save_dir/sft_final.pth)")
     p.add_argument("--special_token_weight", type=NONNEG, default=5.0,

@@ -8,13 +8,12 @@ of each reply: summed over the final assistant turn's tokens. The reference is t
 says otherwise; by default its log-probabilities are computed once before training (--precompute_ref), so only one
 model sits in memory. Writes save_dir/dpo_final.pth and save_dir/dpo_curves.png.
 """
-import argparse
 
 import torch
 import torch.nn.functional as F
 
 import train_utils as tu
-from cli import POSITIVE, HelpFormatter, run_main
+from cli import POSITIVE, ArgumentParser, run_main
 from Config import LLMConfig, describe
 from dataset import DPODataset, collate_dpo
 from model import Transformer
@@ -26,7 +25,7 @@ Or the built-in demo corpus: python demo_data.py --out_dir data/demo (then --dat
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--data_path", nargs="+", default=["dpo.jsonl"], help="preference JSONL file(s)")
     p.add_argument("--sft_path", default=None, help="the starting policy (default: save_dir/sft_final.pth)")
     p.add_argument("--ref_path", default=None, help="the reference model (default: the starting policy)")

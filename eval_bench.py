@@ -20,7 +20,6 @@ Prompts: chat models (every stage but pretrain) get the question as a user messa
 pretrained model gets "Question: …\\nAnswer:" (--template overrides). The task kind is read off each file's first
 record. evaluate_file() and the functions below run the same in-process.
 """
-import argparse
 import json
 import os
 import re
@@ -28,12 +27,14 @@ import unicodedata
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer
 
-from dataset import DataError
+from cli import POSITIVE_INT, ArgumentParser, UserError, run_main
+from dataset import DataError, encode_text, load_tokenizer
 from eval_model import (
+    DTYPES,
     MODES,
     checkpoint_path,
+    device_flag,
     encode_prompt,
     encode_raw,
     inference_device,
@@ -150,8 +151,9 @@ def question_ids(tokenizer, messages, template):
 
 
 def choice_ids(tokenizer, text, template):
-    """A choice's ids, tokenized on its own so every choice shares the exact question ids before it."""
-    return tokenizer.encode(text if template == "chat" else " " + text, add_special_tokens=False)
+    """A choice's ids, tokenized on its own so every choice shares the exact question ids before it; plain text
+    (a choice that reads "<|im_end|>" is those characters)."""
+    return encode_text(tokenizer, text if template == "chat" else " " + text)
 
 
 # ------------------------------------------------------------------------------------------------ multiple choice
@@ -291,25 +293,33 @@ def evaluate_file(model, tokenizer, path, kind="auto", template="chat", batch_si
 # -------------------------------------------------------------------------------------------------------- the CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     a = p.add_argument
     a("--data_path", nargs="+", required=True, help="benchmark JSONL file(s)")
     a("--model_mode", type=int, choices=sorted(MODES), default=None,
-      help="evaluate save_dir/{stage}_final.pth: " + ", ".join(f"{k} {v}" for k, v in MODES.items()) + " (default 1)")
-    a("--save_dir", default="results")
+      help="evaluate save_dir/{stage}_final.pth: " + ", ".join(f"{k} {v}" for k, v in MODES.items()) + " (default: 1)")
+    a("--save_dir", default="results", help="where the stage scripts wrote their weights")
     a("--model_path", default=None, help="evaluate this checkpoint instead of the --model_mode one")
     a("--kind", choices=["auto", "choice", "exact"], default="auto", help="task kind (auto: by the first record)")
     a("--template", choices=["auto", "chat", "raw"], default="auto",
       help="prompt format (auto: raw for a pretrained model, chat otherwise)")
-    a("--batch_size", type=int, default=16, help="sequences per forward pass / prompts per generation batch")
-    a("--max_samples", type=int, default=None, help="evaluate only the first N items of each file")
-    a("--max_new_tokens", type=int, default=256, help="exact-match answer length cap")
+    a("--batch_size", type=POSITIVE_INT, default=16, help="sequences per forward pass / prompts per generation batch")
+    a("--max_samples", type=POSITIVE_INT, default=None,
+      help="evaluate only the first N items of each file (default: all)")
+    a("--max_new_tokens", type=POSITIVE_INT, default=256, help="exact-match answer length cap")
     a("--output_file", default=None, help="write all metrics here as JSON")
     a("--predictions_file", default=None, help="write one JSON line per item (what the model picked or said)")
-    a("--tokenizer_path", default=os.path.join(ROOT, "tokenizer"))
-    a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    return p.parse_args(argv)
+    a("--tokenizer_path", default=os.path.join(ROOT, "tokenizer"), help="the tokenizer the model was trained with")
+    a("--device", type=device_flag, default=None, help="cuda, cuda:1, cpu, mps (default: cuda when available)")
+    a("--dtype", choices=DTYPES, default="auto", help="weights' dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    args = p.parse_args(argv)
+    for path in args.data_path:
+        if not os.path.isfile(path):
+            p.error(f"--data_path {path}: no such file; expected a JSONL file of benchmark items")
+    for flag in ("output_file", "predictions_file"):
+        if getattr(args, flag) and os.path.isdir(getattr(args, flag)):
+            p.error(f"--{flag} {getattr(args, flag)} is a folder; name a file")
+    return args
 
 
 def write_json(path, obj, lines=False):
@@ -321,25 +331,34 @@ def write_json(path, obj, lines=False):
             json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    path = checkpoint_path(args)
-    device = inference_device(args.device)
-    model, meta = load_for_inference(path, device, inference_dtype(args.dtype, device))
-    check_tokenizer(meta, args.tokenizer_path, path)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
-    pretrained = args.model_mode == 0 if args.model_mode is not None else meta.get("stage") == "pretrain"
-    template = ("raw" if pretrained else "chat") if args.template == "auto" else args.template
-    results, predictions = [], [] if args.predictions_file else None
+def evaluate_all(model, tokenizer, args, template, predictions):
+    """The metrics of every --data_path file, each printed as it finishes."""
+    results = []
     for data_path in args.data_path:
         try:
             metrics = evaluate_file(model, tokenizer, data_path, args.kind, template, args.batch_size,
                                     args.max_samples, args.max_new_tokens, predictions)
-        except (DataError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
+        except DataError:  # already names the file and line
+            raise
+        except ValueError as e:  # an item that does not fit the model (a choice or prompt too long)
+            raise UserError(f"{data_path}: {e}") from None
         results.append(metrics)
         norm = f", accuracy_norm {metrics['accuracy_norm']:.4f}" if "accuracy_norm" in metrics else ""
         print(f"{data_path} ({metrics['kind']}, {metrics['items']} items): accuracy {metrics['accuracy']:.4f}{norm}")
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    path = checkpoint_path(args)
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    device = inference_device(args.device)
+    model, meta = load_for_inference(path, device, inference_dtype(args.dtype, device))
+    check_tokenizer(meta, args.tokenizer_path, path)
+    pretrained = args.model_mode == 0 if args.model_mode is not None else meta.get("stage") == "pretrain"
+    template = ("raw" if pretrained else "chat") if args.template == "auto" else args.template
+    predictions = [] if args.predictions_file else None
+    results = evaluate_all(model, tokenizer, args, template, predictions)
     if args.output_file:
         write_json(args.output_file, {"model": path, "template": template, "results": results})
     if args.predictions_file:
@@ -347,4 +366,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,33 +6,40 @@
     python eval_model.py --model_path results/latest_checkpoint.pth --lora_path results/lora_sft.pth
 
 --model_mode picks save_dir/{stage}_final.pth: 0 pretrain, 1 SFT, 2 distill (reasoning), 3 DPO; --model_path takes
-any checkpoint instead (a *_final.pth, a latest_checkpoint.pth or a *_final/ safetensors folder). Mode 0 continues
-raw text; the chat modes use the ChatML template the model was trained with. In the chat, /reset forgets the
-conversation, /system TEXT sets the system prompt, /exit (or Ctrl-D) quits.
+any checkpoint instead (a *_final.pth, a latest_checkpoint.pth or a *_final/ safetensors folder). Where there is no
+checkpoint, the error lists the ones under --save_dir (two folders deep) with their stage and the command to chat.
+
+The chat modes use the ChatML template the model was trained with: /reset forgets the conversation, /system TEXT
+sets the system prompt, /exit, Ctrl-D or Ctrl-C at the prompt quits (status 0), and Ctrl-C during a reply stops
+that reply (the turn is dropped from the history) and returns to the prompt. A reasoning model's thinking is set
+apart from its answer: dim on a terminal, "[reasoning] ... [/reasoning]" then "answer: ..." otherwise. Mode 0 is
+plain completion: each line typed at "> " is printed again with its continuation (no turns, no /system).
 
 api_server.py imports the reusable pieces: encode_prompt, trim_history, IncrementalDecoder, split_reasoning,
 Reply, generate_pieces, generate_reply and load_for_inference.
 """
 import argparse
 import dataclasses
+import glob
 import importlib.util
 import json
 import os
 import re
+import shlex
 import sys
 import time
 
 import torch
-from transformers import AutoTokenizer
 
-from dataset import ROLES, DataError, encode_chat, encode_text
+from cli import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, ArgumentParser, UserError, add_bool_flag, number,
+                 run_main)
+from dataset import ROLES, DataError, encode_chat, encode_text, load_tokenizer
 from lora import load_lora, merge_lora
 from model import compile_for_decoding
 from train_tokenizer import SPECIAL_TOKENS
-from train_utils import ROOT, add_bool_flag, check_tokenizer, load_model
+from train_utils import LATEST, ROOT, STAGE_SCRIPTS, check_tokenizer, load_model, read_weights
 
 MODES = {0: "pretrain", 1: "sft", 2: "distill", 3: "dpo"}
-TRAINED_BY = {"pretrain": "pretrain.py", "sft": "SFT.py", "distill": "distill.py", "dpo": "dpo.py"}
 EOS, IM_END = SPECIAL_TOKENS[0], SPECIAL_TOKENS[2]
 THINK, END_THINK, ANSWER, END_ANSWER = SPECIAL_TOKENS[3:7]
 TAG_PATTERN = re.compile(f"({re.escape(THINK)}|{re.escape(END_THINK)}|{re.escape(ANSWER)}|{re.escape(END_ANSWER)})")
@@ -231,7 +238,7 @@ def inference_device(name=None):
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name} was asked for but CUDA is not available; use --device cpu")
+        raise UserError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
     return torch.device(name)
 
 
@@ -258,18 +265,49 @@ def load_for_inference(path, device, dtype=torch.float32, lora_path=None, quanti
 
 
 def checkpoint_path(args):
-    """--model_path, or save_dir/{stage}_final.pth for --model_mode; a missing file stops with what to do."""
+    """--model_path, or save_dir/{stage}_final.pth for --model_mode; a missing one lists the checkpoints nearby."""
     if args.model_path:
         if not os.path.exists(args.model_path):
-            raise SystemExit(f"--model_path {args.model_path}: no such checkpoint")
+            raise UserError(f"--model_path {args.model_path}: no such checkpoint\n" + describe_nearby(args.save_dir))
         return args.model_path
     mode = 1 if args.model_mode is None else args.model_mode
     stage = MODES[mode]
     path = os.path.join(args.save_dir, f"{stage}_final.pth")
     if not os.path.exists(path):
-        raise SystemExit(f"no {stage} checkpoint at {path} (--model_mode {mode} = {stage}); train it "
-                         f"with `python {TRAINED_BY[stage]} --save_dir {args.save_dir}` or pass --model_path")
+        raise UserError(f"no {stage} checkpoint at {path} (--model_mode {mode} = {stage}); train it with "
+                        f"`python {STAGE_SCRIPTS[stage]} --save_dir {args.save_dir}` or pass --model_path\n"
+                        + describe_nearby(args.save_dir))
     return path
+
+
+def nearby_checkpoints(save_dir):
+    """The *_final.pth files, *_final/ folders and latest_checkpoint.pth files in save_dir and in its subfolders
+    two levels down (the pipeline writes results/pipeline/checkpoints), sorted."""
+    found = []
+    for depth in range(3):
+        folder = os.path.join(glob.escape(save_dir), *["*"] * depth)
+        found += glob.glob(os.path.join(folder, "*_final.pth")) + glob.glob(os.path.join(folder, LATEST))
+        found += [p for p in glob.glob(os.path.join(folder, "*_final")) if os.path.isdir(p)]
+    return sorted(found)
+
+
+def checkpoint_stage(path):
+    """"sft stage" from the checkpoint's metadata; a file that cannot be read says why instead."""
+    try:
+        stage = read_weights(path)[2].get("stage")
+    except UserError as e:  # one bad file must not hide the others in the list
+        return f"unreadable: {e}"
+    return f"{stage} stage" if stage else "stage not recorded"
+
+
+def describe_nearby(save_dir):
+    """One line per checkpoint under save_dir: its stage and the command that chats with it."""
+    paths = nearby_checkpoints(save_dir)
+    if not paths:
+        return f"no checkpoints in {save_dir} or two folders below it (see --save_dir)"
+    return "\n".join([f"checkpoints under {save_dir}:"] + [
+        f"  {path} ({checkpoint_stage(path)}): python eval_model.py --model_path {shlex.quote(path)}"
+        for path in paths])
 
 
 def warn_ignored_shape(args, config):
@@ -316,89 +354,124 @@ class Session:
 
 
 class Printer:
-    """Writes reply pieces as they come: the reasoning dim on a terminal, marked [think]…[/think] otherwise."""
+    """Writes reply pieces as they come, the reasoning set apart from the answer even without colours.
+
+    Off a terminal: "[reasoning] … [/reasoning]", then "answer: …" on the next line. On a terminal the reasoning
+    is dim and the answer starts on a new line. Either way "…= 7" and "7." cannot run together into "7.7"."""
 
     def __init__(self, out):
         self.out, self.tty = out, out.isatty()
-        self.section = "answer"
+        self.section, self.pending, self.written = "answer", "", False
 
     def write(self, section, text):
         if section != self.section:
+            text = text.lstrip()  # a section starts at its first visible character
+            if not text:
+                return
             self._switch(section)
+        if self.section == "reasoning":  # trailing whitespace waits: the closing marker may come next
+            body = text.rstrip()
+            text, self.pending = (self.pending + body, text[len(body):]) if body else ("", self.pending + text)
+        self.written = self.written or bool(text.strip())
         self.out.write(text)
         self.out.flush()
 
     def end(self):
-        self._switch("answer")
+        if self.section == "reasoning":  # cut off while thinking: close the section all the same
+            self.out.write(RESET if self.tty else " [/reasoning]")
+        self.section, self.pending = "answer", ""
         self.out.write("\n")
         self.out.flush()
 
     def _switch(self, section):
-        if section == self.section:
-            return
-        entering = section == "reasoning"
-        if self.tty:
-            self.out.write(DIM if entering else RESET)
+        if section == "reasoning":
+            self.out.write(("\n" if self.written else "") + (DIM if self.tty else "[reasoning] "))
         else:
-            self.out.write("[think]" if entering else "[/think]")
-        self.section = section
+            self.out.write(RESET + "\n" if self.tty else " [/reasoning]\nanswer: ")
+        self.section, self.pending = section, ""
 
 
-def print_reply(session, prompt_ids, stream, out=sys.stdout):
-    """Generate and print one reply (piece by piece with stream, else all at once); returns the Reply."""
-    reply, printer = session.new_reply(prompt_ids), Printer(out)
+def print_reply(session, prompt_ids, stream, out=None):
+    """Generate and print one reply to out (default: the current sys.stdout), piece by piece with stream, else all
+    at once; returns the Reply. The printer is closed even when Ctrl-C stops the reply: no terminal is left dim."""
+    reply, printer = session.new_reply(prompt_ids), Printer(out or sys.stdout)
     pieces = session.pieces(reply, prompt_ids)
-    for section, text in pieces if stream else list(pieces):
-        printer.write(section, text)
-    printer.end()
+    try:
+        for section, text in pieces if stream else list(pieces):
+            printer.write(section, text)
+    finally:
+        printer.end()
     if session.show_speed:
         print(f"[{reply.speed()}]", file=sys.stderr)
     return reply
 
 
+HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /exit (or "
+        "Ctrl-D); Ctrl-C stops a reply")
+RAW_HELP = ("plain completion (--model_mode 0): each line you type is printed again with its continuation; /exit "
+            "(or Ctrl-D) quits, Ctrl-C stops a continuation")
+INTERRUPTED = "[interrupted: the reply was stopped and this turn is not kept]"
+
+
+def read_line(label):
+    """The next line typed, stripped; None at Ctrl-D or Ctrl-C (both leave the chat, status 0)."""
+    try:
+        return input(label).strip()
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return None
+
+
 def chat(session, system_prompt, stream):
-    """The interactive loop: multi-turn chat (a fresh continuation per line in raw mode) until /exit or EOF."""
+    """The interactive loop until /exit, Ctrl-D or Ctrl-C at the prompt: a multi-turn chat, or in raw mode a
+    fresh continuation of each line."""
     if importlib.util.find_spec("readline") and sys.stdin.isatty():
         import readline  # noqa: F401  (importing it gives input() line editing and history)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history = list(system)
-    print(HELP, file=sys.stderr)
-    while True:
-        try:
-            line = input("user> ").strip()
-        except EOFError:
-            print()
-            return
-        if not line:
-            continue
+    print(RAW_HELP if session.raw else HELP, file=sys.stderr)
+    while (line := read_line("> " if session.raw else "user> ")) is not None:
         if line.startswith("/"):
-            command, _, rest = line.partition(" ")
-            if command in ("/exit", "/quit"):
+            state = chat_command(session, line, system, history)
+            if state is None:
                 return
-            if command == "/system":
-                system = [{"role": "system", "content": rest.strip()}] if rest.strip() else []
-            if command in ("/reset", "/system"):
-                history = list(system)
-                print("(conversation cleared)")
-            else:
-                print(HELP)
-            continue
-        history = chat_turn(session, history + [{"role": "user", "content": line}], stream)
+            system, history = state
+        elif line:
+            history = chat_turn(session, history + [{"role": "user", "content": line}], stream)
+
+
+def chat_command(session, line, system, history):
+    """(system, history) after a /command; None for /exit."""
+    command, _, rest = line.partition(" ")
+    if command in ("/exit", "/quit"):
+        return None
+    if session.raw and command in ("/reset", "/system"):
+        print(f"{command} is a chat command: --model_mode 0 continues each line on its own, with no conversation "
+              f"or system prompt (use --model_mode 1-3 to chat)")
+    elif command in ("/reset", "/system"):
+        if command == "/system":
+            system = [{"role": "system", "content": rest.strip()}] if rest.strip() else []
+        print("(conversation cleared)")
+        return system, list(system)
+    else:
+        print(RAW_HELP if session.raw else HELP)
+    return system, history
 
 
 def chat_turn(session, messages, stream):
-    """Answer the last user message; returns the history to continue with (unchanged when the prompt is too long)."""
+    """Answer the last user message; returns the history to continue with (without this turn when the prompt is
+    too long or Ctrl-C stopped the reply). Raw mode prints the prompt, then its continuation."""
     try:
         kept, ids = session.prompt_ids(messages)
+        print(messages[-1]["content"] if session.raw else "assistant> ", end="", flush=True)
+        reply = print_reply(session, ids, stream)
     except PromptTooLong as e:
         print(f"error: {e}")
         return messages[:-1]
-    print("assistant> ", end="", flush=True)
-    reply = print_reply(session, ids, stream)
+    except KeyboardInterrupt:
+        print(INTERRUPTED)
+        return messages[:-1]
     return [] if session.raw else kept + [{"role": "assistant", "content": reply.text}]
-
-
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /exit"
 
 
 # ------------------------------------------------------------------------------------------- non-interactive use
@@ -458,6 +531,8 @@ def read_prompts(path):
             text = line.rstrip("\n")
             prompts.append(parse_prompt_line(path, line_no, line) if jsonl else
                            (text, [{"role": "user", "content": text}]))
+    if not prompts:
+        raise DataError(f"{path}: --prompts_file holds no prompts")
     return prompts
 
 
@@ -468,12 +543,15 @@ def with_system(messages, system_prompt):
 
 
 def answer_all(session, prompts, args):
-    """Answer each prompt independently; text (streamed if asked) or one JSON object per line on stdout."""
+    """Answer each prompt independently; text (streamed if asked) or one JSON object per line on stdout. Raw mode
+    prints each prompt before its continuation."""
     for label, messages in prompts:
         if session.raw and len(messages) > 1:
-            raise SystemExit("--model_mode 0 continues raw text; conversations need a chat model (modes 1-3)")
+            raise UserError("--model_mode 0 continues raw text; conversations need a chat model (modes 1-3)")
         _, ids = session.prompt_ids(with_system(messages, args.system_prompt))
         if args.output_format == "text":
+            if session.raw:
+                print(messages[-1]["content"], end="", flush=True)
             print_reply(session, ids, args.stream)
             continue
         reply = generate_reply(session.model, session.tokenizer, ids, session.max_new_tokens,
@@ -487,30 +565,56 @@ def answer_all(session, prompts, args):
 
 # -------------------------------------------------------------------------------------------------------- the CLI
 
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def device_flag(name):
+    """--device as an argparse type: cpu, cuda, cuda:N or mps, and only one this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name} was asked for but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{name} was asked for but MPS is not available; use --device cpu")
+    return name
+
+
+def add_sampling_args(a):
+    a("--max_seq_len", type=number(int, low=2), default=None,
+      help="prompt + reply budget in tokens (default: the model's context, also the most)")
+    a("--max_new_tokens", type=POSITIVE_INT, default=None, help="reply length cap (default: min(512, max_seq_len / 2))")
+    a("--temperature", type=NONNEG, default=0.7, help="0 = greedy")
+    a("--top_p", type=number(float, low=0, high=1), default=0.9,
+      help="nucleus sampling, in [0, 1]; 1 = off, 0 = greedy (as --temperature 0)")
+    a("--top_k", type=NONNEG_INT, default=0, help="sample from the k most likely tokens; 0 = off")
+    a("--repetition_penalty", type=POSITIVE, default=1.0, help="> 1 discourages repeats; 1 = off")
+    a("--seed", type=number(int, low=0, high=2 ** 64 - 1), default=1337, help="sampling seed")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     a = p.add_argument
     a("--model_mode", type=int, choices=sorted(MODES), default=None,
       help="which save_dir/{stage}_final.pth to load: " + ", ".join(f"{k} {v}" for k, v in MODES.items()) +
-      " (default 1; with --model_path: 0 if the checkpoint says it is a pretrained one); 0 continues raw text")
+      "; 0 continues raw text (default: 1, or with --model_path 0 if the checkpoint is a pretrained one)")
     a("--save_dir", default="results", help="where the stage scripts wrote their weights")
     a("--model_path", default=None, help="load this checkpoint instead of the --model_mode one")
     a("--lora_path", default=None, help="LoRA adapters (SFT.py --lora_rank writes save_dir/lora_sft.pth) to merge in")
     a("--quantize", choices=["none", "int8", "int4"], default="none", help="weight-only quantised linear layers")
-    a("--tokenizer_path", default=os.path.join(ROOT, "tokenizer"))
-    a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-      help="weights' dtype (auto: float32 on CPU, bfloat16 on GPU)")
-    a("--max_seq_len", type=int, default=None, help="prompt + reply budget in tokens (default and most: the model's)")
-    a("--max_new_tokens", type=int, default=None, help="reply length cap (default: min(512, max_seq_len / 2))")
-    a("--temperature", type=float, default=0.7, help="0 = greedy")
-    a("--top_p", type=float, default=0.9)
-    a("--top_k", type=int, default=0, help="0 = off")
-    a("--repetition_penalty", type=float, default=1.0)
-    a("--seed", type=int, default=1337)
+    a("--tokenizer_path", default=os.path.join(ROOT, "tokenizer"), help="the tokenizer the model was trained with")
+    a("--device", type=device_flag, default=None, help="cuda, cuda:1, cpu, mps (default: cuda when available)")
+    a("--dtype", choices=DTYPES, default="auto", help="weights' dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    add_sampling_args(a)
     add_bool_flag(p, "--stream", True, help="print the reply token by token")
-    a("--history_turns", type=int, default=None, help="keep at most this many past turns (default: all that fit)")
-    a("--system_prompt", default=None, help="a system message before every conversation")
+    a("--history_turns", type=NONNEG_INT, default=None,
+      help="keep at most this many past turns (default: all that fit)")
+    a("--system_prompt", default=None, help="a system message before every conversation (chat modes only)")
     add_bool_flag(p, "--compile", help="torch.compile the model (dynamic shapes): the first reply waits for the "
                   "compilation (about a minute on 2 CPU cores), later ones decode ~1.4x faster on CPU")
     add_bool_flag(p, "--show_speed", help="print prefill and decode tokens/s after each reply (stderr)")
@@ -518,53 +622,82 @@ def parse_args(argv=None):
     a("--prompts_file", default=None, help="answer every prompt in this file and exit: one per line, or JSONL "
       "(.jsonl) with a 'prompt' string or 'conversations' per line")
     a("--output_format", choices=["text", "jsonl"], default="text",
-      help="jsonl: one object per prompt with prompt, answer, reasoning, text, tokens, finish_reason")
+      help="jsonl: one object per prompt with prompt, answer, reasoning, text, tokens, finish_reason "
+      "(needs --prompt or --prompts_file)")
     for name in ("--dim", "--n_layers", "--n_heads"):
-        a(name, type=int, default=None, help="accepted for the seeds' commands; the checkpoint's shape wins")
-    return p.parse_args(argv)
+        a(name, type=POSITIVE_INT, default=None, help="accepted for the seeds' commands; the checkpoint's shape wins")
+    args = p.parse_args(argv)
+    check_flags(p, args)
+    return args
+
+
+def check_flags(parser, args):
+    """What a flag's type cannot check alone: flags that contradict each other, a file that is not there."""
+    if args.max_new_tokens is not None and args.max_seq_len is not None and args.max_new_tokens >= args.max_seq_len:
+        parser.error(f"--max_new_tokens {args.max_new_tokens} must be below --max_seq_len {args.max_seq_len} "
+                     f"(the prompt needs room too)")
+    if args.output_format == "jsonl" and not (args.prompt or args.prompts_file):
+        parser.error("--output_format jsonl needs --prompt or --prompts_file (the interactive chat prints text)")
+    if args.lora_path and not os.path.isfile(args.lora_path):
+        parser.error(f"--lora_path {args.lora_path}: no such file (SFT.py --lora_rank writes save_dir/lora_sft.pth)")
+
+
+def reply_budget(args, model_context):
+    """(context, max_new_tokens): --max_seq_len capped at the model's context, and the reply's share of it."""
+    if args.max_seq_len is not None and args.max_seq_len > model_context:
+        print(f"warning: --max_seq_len {args.max_seq_len} exceeds the model's context {model_context}; using "
+              f"{model_context}", file=sys.stderr)
+    context = min(args.max_seq_len or model_context, model_context)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else min(512, context // 2)
+    if max_new >= context:
+        raise UserError(f"--max_new_tokens {max_new} leaves no room for a prompt in the model's context of "
+                        f"{context} tokens; choose at most {context - 1}")
+    return context, max_new
+
+
+def check_raw_flags(args, raw, path):
+    """Chat-only flags make no sense for a raw continuation: refuse them instead of ignoring them."""
+    why = "--model_mode 0" if args.model_mode == 0 else f"{path} is a pretrained model"
+    for flag in ("system_prompt", "history_turns"):
+        if raw and getattr(args, flag) is not None:
+            raise UserError(f"--{flag} needs a chat model: {why} continues raw text (use --model_mode 1-3)")
 
 
 def build_session(args):
     device = inference_device(args.device)
     path = checkpoint_path(args)
+    tokenizer = load_tokenizer(args.tokenizer_path)
     model, meta = load_for_inference(path, device, inference_dtype(args.dtype, device), args.lora_path, args.quantize)
     check_tokenizer(meta, args.tokenizer_path, path)
     warn_ignored_shape(args, model.config)
+    raw = args.model_mode == 0 if args.model_mode is not None else meta.get("stage") == "pretrain"
+    check_raw_flags(args, raw, path)
+    context, max_new = reply_budget(args, model.config.max_seq_len)
     if args.compile:
         compile_for_decoding(model)
-    context = model.config.max_seq_len
-    if args.max_seq_len is not None and args.max_seq_len > context:
-        print(f"warning: --max_seq_len {args.max_seq_len} exceeds the model's context {context}; using {context}",
-              file=sys.stderr)
-    context = min(args.max_seq_len or context, context)
-    max_new = args.max_new_tokens if args.max_new_tokens is not None else min(512, context // 2)
-    if not 0 < max_new < context:
-        raise SystemExit(f"--max_new_tokens {max_new} must be at least 1 and leave room for a prompt in "
-                         f"max_seq_len {context}")
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k or None,
                 "repetition_penalty": args.repetition_penalty}
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    raw = args.model_mode == 0 if args.model_mode is not None else meta.get("stage") == "pretrain"
     quantized = f", {args.quantize} weights" if args.quantize != "none" else ""
-    print(f"{path}: {meta.get('stage', 'unknown')} stage, {model.config.param_counts()[0]:,} parameters{quantized}, "
-          f"context {context}, on {device}" + (" (raw text continuation)" if raw else ""), file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+    print(f"{path}: {meta.get('stage', 'unrecorded')} stage, {model.config.param_counts()[0]:,} parameters"
+          f"{quantized}, context {context}, on {device}" + (" (raw text continuation)" if raw else ""),
+          file=sys.stderr)
     return Session(model, tokenizer, raw, context, max_new, sampling, generator, args.history_turns, args.show_speed)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    prompts = [(p, [{"role": "user", "content": p}]) for p in args.prompt or []]
+    prompts += read_prompts(args.prompts_file) if args.prompts_file else []  # a bad file stops before the load
     session = build_session(args)
-    if args.prompt or args.prompts_file:
-        prompts = [(p, [{"role": "user", "content": p}]) for p in args.prompt or []]
-        prompts += read_prompts(args.prompts_file) if args.prompts_file else []
-        try:
-            answer_all(session, prompts, args)
-        except PromptTooLong as e:
-            raise SystemExit(f"error: {e}")
+    if not (args.prompt or args.prompts_file):
+        chat(session, args.system_prompt, args.stream)
         return
-    chat(session, args.system_prompt, args.stream)
+    try:
+        answer_all(session, prompts, args)
+    except PromptTooLong as e:
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

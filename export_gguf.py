@@ -39,7 +39,7 @@ import gguf
 import numpy as np
 import torch
 
-from cli import HelpFormatter, UserError, run_main
+from cli import ArgumentParser, UserError, run_main
 from dataset import load_tokenizer
 from export_hf import rope_parameters, special_token_ids
 from train_utils import ROOT, check_tokenizer, load_model, unwrap
@@ -244,7 +244,7 @@ def non_empty(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", required=True,
                         help="a *_final.pth, latest_checkpoint.pth or *_final/ safetensors folder")
     parser.add_argument("--out", required=True, help="the .gguf file to write (replaced if it exists)")

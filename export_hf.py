@@ -21,12 +21,11 @@ The tokenizer's bos_token is <|endoftext|> and it is prepended by default (add_b
 `pipeline("text-generation")` and lm-eval's document prefix start raw text exactly as eval_ppl.py and raw prompts
 do ([<|endoftext|>] + text); apply_chat_template adds no bos, as our chat template has none.
 """
-import argparse
 import os
 
 import torch
 
-from cli import HelpFormatter, UserError, run_main
+from cli import ArgumentParser, UserError, run_main
 from dataset import EOS, load_tokenizer
 from train_utils import ROOT, check_tokenizer, load_model, unwrap
 
@@ -162,7 +161,7 @@ def check_out_dir(out_dir, *inputs):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", required=True,
                         help="a *_final.pth, latest_checkpoint.pth or *_final/ safetensors folder")
     parser.add_argument("--out_dir", required=True, help="output folder (created; existing files are overwritten)")

@@ -25,7 +25,7 @@ import dpo
 import pretrain
 import SFT
 import train_utils as tu
-from cli import NONNEG_INT, POSITIVE, POSITIVE_INT, HelpFormatter, UserError, run_main
+from cli import NONNEG_INT, POSITIVE, POSITIVE_INT, ArgumentParser, UserError, run_main
 from Config import PRESETS
 from dataset import DPODataset, PretrainDataset, SFTDataset, collate_dpo, load_tokenizer, read_jsonl
 from demo_data import generate_demo, is_terse, parse_reasoning, prompt_turns, score_reasoning, score_sft
@@ -37,7 +37,7 @@ FILES = ["pretrain", "sft", "reasoning", "dpo"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--data_dir", default=None, help="your data (default: generate the demo corpus)")
     p.add_argument("--demo_scale", type=POSITIVE, default=1.0, help="size of the generated demo corpus")
     p.add_argument("--out_dir", default="results/pipeline", help="data, checkpoints and the scoreboard go here")

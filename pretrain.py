@@ -7,12 +7,11 @@
 Writes save_dir/latest_checkpoint.pth every --save_step optimizer steps, then save_dir/pretrain_final.pth (+ a
 safetensors folder) and save_dir/pretrain_curves.png. No data yet? `python demo_data.py` makes a small corpus.
 """
-import argparse
 
 import torch
 
 import train_utils as tu
-from cli import POSITIVE_INT, HelpFormatter, run_main
+from cli import POSITIVE_INT, ArgumentParser, run_main
 from Config import PRESETS, LLMConfig, describe, get_config
 from dataset import PretrainDataset, load_tokenizer
 from model import Transformer
@@ -27,7 +26,7 @@ Or try everything in minutes on the built-in demo corpus:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--data_path", nargs="+", default=["pretrain.jsonl"], help="pretraining JSONL file(s)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size (see Config.py)")
     p.add_argument("--dim", type=POSITIVE_INT, default=None, help="override the preset's width")

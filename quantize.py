@@ -1,9 +1,10 @@
-"""Weight-only int8 / int4 quantisation of a Transformer's linear layers, for smaller (and on CPU faster) inference.
+r"""Weight-only int8 / int4 quantisation of a Transformer's linear layers, for smaller (and on CPU faster) inference.
 
     python quantize.py --model_path results/pretrain_final.pth \
         --eval_data ../shared/data/eval_en_wikitext2_raw_test.jsonl
 
-That command compares fp32, bf16, int8 and int4 side by side (weight memory, decode tokens/s, perplexity);
+That command compares fp32, bf16, int8 and int4 side by side (weight memory, decode tokens/s, perplexity; --modes
+picks which, the first is the speed baseline); without --model_path it times a random-init --preset model.
 eval_model.py and api_server.py call `quantize_model(model, mode)` for their --quantize flag.
 
 `quantize_model(model, mode)` replaces the attention and feed-forward projections (MoE experts included) and an
@@ -24,7 +25,6 @@ Why not torchao (tried, 0.18): its Int8WeightOnlyConfig converts the int8 weight
 eager mode, 2-3× slower than fp32 on CPU, and its int4 configs have no CPU kernel (CUDA/XPU/NPU only).
 The packed int4 layout differs between CPU and CUDA: quantise after moving the model to its device.
 """
-import argparse
 import copy
 import os
 import statistics
@@ -34,7 +34,12 @@ import time
 import torch
 import torch.nn as nn
 
+from cli import POSITIVE_INT, ArgumentParser, UserError, run_main
+from Config import PRESETS, describe, get_config
+from model import Transformer
+
 MODES = ("int8", "int4")
+VARIANTS = ("fp32", "bf16") + MODES  # what the comparison CLI can time
 INT4_GROUP = 32
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -171,43 +176,89 @@ def decode_speed(models, prompt, new_tokens, runs):
     return {mode: new_tokens / statistics.median(t) for mode, t in times.items()}
 
 
-def eval_windows(args, max_seq_len):
-    from dataset import PretrainDataset
+def eval_windows(args, config):
+    """Up to --eval_windows packed windows of the model's context from --eval_data ([] without it)."""
+    from dataset import PretrainDataset, load_tokenizer
     if not args.eval_data:
         return []
+    vocab = len(load_tokenizer(args.tokenizer_path))
+    if vocab > config.vocab_size:
+        raise UserError(f"--tokenizer_path {args.tokenizer_path} has {vocab} tokens but the model only "
+                        f"{config.vocab_size}; pass the tokenizer the model was trained with")
     with tempfile.TemporaryDirectory() as cache_dir:
-        data = PretrainDataset([args.eval_data], args.tokenizer_path, max_seq_len, cache_dir=cache_dir, num_workers=1)
+        data = PretrainDataset([args.eval_data], args.tokenizer_path, config.max_seq_len, cache_dir=cache_dir,
+                               num_workers=1)
         return [data[i] for i in range(min(args.eval_windows, len(data)))]
 
 
-def main(argv=None):
-    from Config import PRESETS, describe, get_config
-    from model import Transformer
-    from train_utils import ROOT, load_model
-    p = argparse.ArgumentParser(description="Compare fp32, bf16, int8 and int4 side by side in one run.")
-    p.add_argument("--model_path", default=None, help="a checkpoint (default: a random-init --preset model)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--eval_data", default=None, help="pretraining-format JSONL for perplexity (optional)")
-    p.add_argument("--eval_windows", type=int, default=16, help="perplexity over this many max_seq_len windows")
-    p.add_argument("--tokenizer_path", default=os.path.join(ROOT, "tokenizer"))
-    p.add_argument("--modes", nargs="+", default=["fp32", "bf16", "int8", "int4"])
-    p.add_argument("--prompt_len", type=int, default=64)
-    p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--runs", type=int, default=3)
+def parse_args(argv=None):
+    from train_utils import ROOT
+    p = ArgumentParser(description=__doc__)
+    a = p.add_argument
+    a("--model_path", default=None,
+      help="a *_final.pth, latest_checkpoint.pth or *_final/ folder (default: a random-init --preset model)")
+    a("--preset", choices=sorted(PRESETS), default=None,
+      help="the random-init model's shape, only without --model_path (default: small)")
+    a("--eval_data", default=None, help='pretraining JSONL ({"text"} per line) for the perplexity column (default: '
+      'no perplexity)')
+    a("--eval_windows", type=POSITIVE_INT, default=16, help="perplexity over this many max_seq_len windows")
+    a("--tokenizer_path", default=os.path.join(ROOT, "tokenizer"), help="the tokenizer the model was trained with")
+    a("--modes", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+      help="the variants to compare, the first is the speed baseline: fp32, bf16 (the float model cast), int8 "
+      "(one scale per row), int4 (groups of 32; layer inputs in multiples of 32 on CPU, 128 on CUDA)")
+    a("--prompt_len", type=POSITIVE_INT, default=64, help="decode benchmark: tokens in the random prompt")
+    a("--new_tokens", type=POSITIVE_INT, default=64, help="decode benchmark: tokens generated per run")
+    a("--runs", type=POSITIVE_INT, default=3, help="decode benchmark: timed runs per variant (the median is shown)")
     args = p.parse_args(argv)
-    if args.model_path:
-        model = load_model(args.model_path)[0].float().eval()
-    else:
+    repeated = sorted({m for m in args.modes if args.modes.count(m) > 1})
+    if repeated:
+        p.error(f"--modes lists {', '.join(repeated)} more than once")
+    if args.model_path and args.preset:
+        p.error("--preset shapes a random-init model; it has no effect with --model_path (pass one of them)")
+    for flag in ("model_path", "eval_data"):
+        if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
+            p.error(f"--{flag} {getattr(args, flag)}: no such file")
+    return args
+
+
+def source_model(args):
+    """The float32 model to compare: the checkpoint (its tokenizer checked when perplexity is asked for), or a
+    random-init --preset model (seed 0)."""
+    from train_utils import check_tokenizer, load_model
+    if not args.model_path:
         torch.manual_seed(0)
-        model = Transformer(get_config(args.preset)).eval()
-    models = {mode: variant(model, mode) for mode in args.modes}
-    windows = eval_windows(args, model.config.max_seq_len)
+        return Transformer(get_config(args.preset or "small")).eval()
+    model, meta = load_model(args.model_path)
+    if args.eval_data:
+        check_tokenizer(meta, args.tokenizer_path, args.model_path)
+    return model.float().eval()
+
+
+def build_variants(model, args):
+    if args.prompt_len + args.new_tokens > model.config.max_seq_len:
+        raise UserError(f"--prompt_len {args.prompt_len} + --new_tokens {args.new_tokens} exceed the model's "
+                        f"context {model.config.max_seq_len}; lower them")
+    variants = {}
+    for mode in args.modes:
+        try:
+            variants[mode] = variant(model, mode)
+        except ValueError as e:  # quantize_model: a device or a layer shape its kernels do not take
+            raise UserError(f"--modes {mode}: {e}") from None
+    return variants
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model = source_model(args)
+    models = build_variants(model, args)
+    windows = eval_windows(args, model.config)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     speed = decode_speed(models, prompt, args.new_tokens, args.runs)
-    print(f"\n{args.model_path or args.preset + ' preset (random init)'} ({describe(model.config)}), cpu, "
-          f"{torch.get_num_threads()} threads; decode: batch 1, prompt {args.prompt_len}, {args.new_tokens} new "
-          f"tokens, median of {args.runs}; perplexity: {len(windows)} windows of {model.config.max_seq_len}")
-    print("| mode | weights MiB | decode tok/s | vs fp32 | perplexity |")
+    name = args.model_path or f"{args.preset or 'small'} preset (random init)"
+    print(f"\n{name} ({describe(model.config)}), cpu, {torch.get_num_threads()} threads; decode: batch 1, prompt "
+          f"{args.prompt_len}, {args.new_tokens} new tokens, median of {args.runs}; perplexity: {len(windows)} "
+          f"windows of {model.config.max_seq_len}")
+    print(f"| mode | weights MiB | decode tok/s | vs {args.modes[0]} | perplexity |")
     print("|---|---:|---:|---:|---:|")
     for mode, m in models.items():
         ppl = f"{perplexity(m, windows):.2f}" if windows else "-"
@@ -216,4 +267,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,7 +17,6 @@ training and used to report compression (UTF-8 bytes per token) on text the toke
 loads with `transformers.AutoTokenizer.from_pretrained(out_dir)` and needs no custom code. An --out_dir that already
 holds a tokenizer (the shipped tokenizer/, say) is replaced only with --overwrite.
 """
-import argparse
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import time
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from cli import NONNEG_INT, POSITIVE_INT, HelpFormatter, UserError, add_bool_flag, number, run_main
+from cli import NONNEG_INT, POSITIVE_INT, ArgumentParser, UserError, add_bool_flag, number, run_main
 
 # Order fixes the ids: <|endoftext|> is 0, <|im_start|> 1, <|im_end|> 2, ... <|pad|> 7.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>",
@@ -185,8 +184,7 @@ def weighted_texts(paths, weights, holdout_every, stats):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        formatter_class=HelpFormatter,
+    parser = ArgumentParser(
         description="Train the byte-level BPE tokenizer (single-id special tokens, ChatML chat template) on JSONL "
                     "files and report its compression in UTF-8 bytes per token. The docstring at the top of this file "
                     "has the exact command that built the shipped tokenizer/ folder.")

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from conftest import trained_tiny_model
 
+from cli import run_main
 from Config import LLMConfig
 from model import Transformer
 from quantize import Int4Linear, Int8Linear, quantize_model, weight_bytes
@@ -131,3 +132,45 @@ def test_comparison_cli_prints_every_mode(capsys):
                    "--runs", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| fp32", "| int8", "| int4"]
+
+
+QUANTIZE_CASES = {  # (flags, what the one error line must say)
+    "unknown mode": (["--modes", "int3"], "argument --modes: invalid choice: 'int3'"),
+    "repeated mode": (["--modes", "int8", "fp32", "int8"], "--modes lists int8 more than once"),
+    "zero runs": (["--runs", "0"], "argument --runs: must be >= 1, got 0"),
+    "zero prompt": (["--prompt_len", "0"], "argument --prompt_len: must be >= 1"),
+    "negative new tokens": (["--new_tokens", "-1"], "argument --new_tokens: must be >= 1"),
+    "zero eval windows": (["--eval_windows", "0"], "argument --eval_windows: must be >= 1"),
+    "word for a number": (["--runs", "three"], "argument --runs: expected an integer"),
+    "missing checkpoint": (["--model_path", "nope.pth"], "--model_path nope.pth: no such file"),
+    "missing eval data": (["--eval_data", "nope.jsonl"], "--eval_data nope.jsonl: no such file"),
+    "preset with a checkpoint": (["--model_path", __file__, "--preset", "tiny"], "--preset shapes a random-init"),
+    "decode past the context": (["--prompt_len", "200", "--new_tokens", "100"],
+                                "--prompt_len 200 + --new_tokens 100 exceed the model's context 256"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QUANTIZE_CASES))
+def test_comparison_cli_refuses_bad_flags_in_one_line(case, capsys):
+    import quantize
+    flags, message = QUANTIZE_CASES[case]
+    with pytest.raises(SystemExit) as stopped:
+        model = [] if "--model_path" in flags else ["--preset", "tiny"]
+        run_main(quantize.main, [*model, "--modes", "fp32", "--runs", "1", *flags])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert stopped.value.code == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert message in errors[0], errors[0]
+
+
+def test_comparison_cli_names_the_mode_a_model_cannot_take(tokenizer_dir, tmp_path, capsys):
+    import quantize
+    from train_utils import save_final
+    odd = Transformer(tiny_config(dim=80, n_heads=4, n_kv_heads=2, hidden_dim=160))
+    path = save_final(odd, odd.config, str(tmp_path), "pretrain", tokenizer_dir)
+    with pytest.raises(SystemExit) as stopped:
+        run_main(quantize.main, ["--model_path", path, "--modes", "fp32", "int4", "--prompt_len", "4", "--runs", "1"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("error: --modes int4: int4 on cpu needs layer inputs in multiples of "
+                                                 "32; q_proj has 80")
