@@ -15,6 +15,7 @@ import os
 import torch
 
 import train_utils as tu
+from checkpoint import build_model, check_tokenizer, read_weights
 from cli import NONNEG_INT, POSITIVE, ArgumentParser, UserError, number, run_main
 from Config import LLMConfig, describe
 from dataset import SFTDataset, collate_sft
@@ -63,7 +64,7 @@ def with_context(config, args):
     return dataclasses.replace(config, max_seq_len=args.max_seq_len, rope_scaling=scaling)
 
 
-def build_model(args, ckpt, rt):
+def sft_model(args, ckpt, rt):
     """Resuming: the checkpoint's model (with its adapters). Otherwise: --pretrained_path at the asked context,
     with fresh adapters when --lora_rank is set. Returns (model, config, lora settings or None)."""
     if ckpt is not None:
@@ -71,9 +72,9 @@ def build_model(args, ckpt, rt):
         if lora:
             apply_lora(model, **lora)
         return model.to(rt.device), model.config, lora
-    config, state, meta = tu.read_weights(args.pretrained_path)
-    tu.check_tokenizer(meta, args.tokenizer_path, args.pretrained_path)
-    model = tu.build_model(with_context(config, args), state, args.pretrained_path, rt.device)
+    config, state, meta = read_weights(args.pretrained_path)
+    check_tokenizer(meta, args.tokenizer_path, args.pretrained_path)
+    model = build_model(with_context(config, args), state, args.pretrained_path, rt.device)
     lora = None
     if args.lora_rank:
         lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets,
@@ -85,7 +86,7 @@ def build_model(args, ckpt, rt):
 def main(argv=None):
     args = parse_args(argv)
     rt, resume_path, ckpt = tu.begin_run("sft", args, DATA_HELP, inputs=["pretrained_path"])
-    model, config, lora = build_model(args, ckpt, rt)
+    model, config, lora = sft_model(args, ckpt, rt)
     args.max_seq_len = config.max_seq_len
     data, eval_data = tu.load_data(SFTDataset, args, rt, config.max_seq_len)
     plan = tu.bucketed_plan(data, args, rt)

@@ -60,11 +60,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from checkpoint import check_tokenizer
 from cli import POSITIVE_INT, ArgumentParser, number, run_main
 from dataset import load_tokenizer
 from eval_model import encode_prompt, encode_raw, inference_device, inference_dtype, load_for_inference, stop_ids
 from serving import Engine
-from train_utils import ROOT, check_tokenizer
+from train_utils import ROOT
 
 KEY_ENV = "API_KEY"
 ARGS_ENV = "API_SERVER_ARGS"      # how `--workers N` hands the flags to each worker process

@@ -10,7 +10,8 @@ Every form carries the stage that wrote it and the fingerprint of its tokenizer,
 files load with torch.load(weights_only=True); a file that cannot be read is one line naming it and the cause.
 """
 if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
-    raise SystemExit("checkpoint.py is a library module, not a script: the training scripts are pretrain.py, SFT.py, distill.py and dpo.py (see README.md)")
+    raise SystemExit("checkpoint.py is a library module, not a script: "
+                     "the training scripts are pretrain.py, SFT.py, distill.py and dpo.py (see README.md)")
 import dataclasses
 import errno
 import fcntl
@@ -290,7 +291,8 @@ def take_save_dir(args, stage, resuming, inputs):
     if os.path.exists(latest):
         try:
             ckpt = load_file(latest, mmap=True)
-            what = describe_checkpoint(ckpt) if isinstance(ckpt, dict) and "step" in ckpt else f"{LATEST} of unknown kind"
+            known = isinstance(ckpt, dict) and "step" in ckpt
+            what = describe_checkpoint(ckpt) if known else f"a {LATEST} of unknown kind"
         except CheckpointError as e:
             ckpt, what = {}, f"an unreadable checkpoint ({e})"
         if not what.startswith("a finished") or ckpt.get("meta", {}).get("stage") == stage:

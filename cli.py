@@ -6,7 +6,8 @@ The rule they serve: a bad input ends the program with a non-zero status and one
 file and line) and what to do; a traceback is kept for bugs in the program itself.
 """
 if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
-    raise SystemExit("cli.py is a library module, not a script: every script imports it (see README.md)")
+    raise SystemExit("cli.py is a library module, not a script: "
+                     "every script imports it (see README.md)")
 import argparse
 import math
 import os

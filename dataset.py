@@ -15,7 +15,9 @@ Mask convention: mask[i] == 1 means token i is a training target (predicted from
 functions shift ids and mask together: input_ids = ids[:-1], targets = ids[1:], loss_mask = mask[1:].
 """
 if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
-    raise SystemExit("dataset.py is a library module, not a script: prepare data with demo_data.py or train a tokenizer with train_tokenizer.py; the stage scripts read it (see README.md)")
+    raise SystemExit("dataset.py is a library module, not a script: "
+                     "make data with demo_data.py, a tokenizer with train_tokenizer.py; the stage scripts read both "
+                     "(see README.md)")
 import collections
 import contextlib
 import dataclasses

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import train_utils as tu
+from checkpoint import check_tokenizer, load_model
 from cli import NONNEG, POSITIVE, ArgumentParser, UserError, number, run_main
 from Config import LLMConfig, describe
 from dataset import SFTDataset, collate_sft
@@ -66,8 +67,8 @@ def kl_to_teacher(student_logits, teacher_logits, weights, temperature):
 
 
 def load_teacher(args, student_config, rt):
-    teacher, meta = tu.load_model(args.teacher_path, rt.device)
-    tu.check_tokenizer(meta, args.tokenizer_path, args.teacher_path)
+    teacher, meta = load_model(args.teacher_path, rt.device)
+    check_tokenizer(meta, args.tokenizer_path, args.teacher_path)
     if teacher.config.vocab_size != student_config.vocab_size:
         raise UserError(f"teacher vocab_size {teacher.config.vocab_size} != student vocab_size "
                          f"{student_config.vocab_size}: teacher and student must share the tokenizer")
@@ -78,8 +79,8 @@ def load_teacher(args, student_config, rt):
 def load_student(args, ckpt, rt):
     if ckpt is not None:
         return Transformer(LLMConfig.from_dict(ckpt["config"])).to(rt.device)
-    model, meta = tu.load_model(args.sft_path, rt.device, max_seq_len=args.max_seq_len)
-    tu.check_tokenizer(meta, args.tokenizer_path, args.sft_path)
+    model, meta = load_model(args.sft_path, rt.device, max_seq_len=args.max_seq_len)
+    check_tokenizer(meta, args.tokenizer_path, args.sft_path)
     return model
 
 

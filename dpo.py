@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import train_utils as tu
+from checkpoint import check_tokenizer, load_model
 from cli import POSITIVE, ArgumentParser, run_main
 from Config import LLMConfig, describe
 from dataset import DPODataset, collate_dpo
@@ -92,14 +93,14 @@ def evaluate_preferences(model, reference, data, ref_table, args, rt):
 def load_policy(args, ckpt, rt):
     if ckpt is not None:
         return Transformer(LLMConfig.from_dict(ckpt["config"])).to(rt.device)
-    model, meta = tu.load_model(args.sft_path, rt.device, max_seq_len=args.max_seq_len)
-    tu.check_tokenizer(meta, args.tokenizer_path, args.sft_path)
+    model, meta = load_model(args.sft_path, rt.device, max_seq_len=args.max_seq_len)
+    check_tokenizer(meta, args.tokenizer_path, args.sft_path)
     return model
 
 
 def load_reference(args, rt):
-    reference, meta = tu.load_model(args.ref_path or args.sft_path, rt.device, max_seq_len=args.max_seq_len)
-    tu.check_tokenizer(meta, args.tokenizer_path, args.ref_path or args.sft_path)
+    reference, meta = load_model(args.ref_path or args.sft_path, rt.device, max_seq_len=args.max_seq_len)
+    check_tokenizer(meta, args.tokenizer_path, args.ref_path or args.sft_path)
     reference.requires_grad_(False)
     return reference.eval()
 

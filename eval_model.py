@@ -31,13 +31,13 @@ import time
 
 import torch
 
-from cli import (NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, ArgumentParser, UserError, add_bool_flag, number,
-                 run_main)
+from checkpoint import LATEST, STAGE_SCRIPTS, check_tokenizer, load_model, read_weights
+from cli import NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, ArgumentParser, UserError, add_bool_flag, number, run_main
 from dataset import ROLES, DataError, encode_chat, encode_text, load_tokenizer
 from lora import load_lora, merge_lora
 from model import compile_for_decoding
 from train_tokenizer import SPECIAL_TOKENS
-from train_utils import LATEST, ROOT, STAGE_SCRIPTS, check_tokenizer, load_model, read_weights
+from train_utils import ROOT
 
 MODES = {0: "pretrain", 1: "sft", 2: "distill", 3: "dpo"}
 EOS, IM_END = SPECIAL_TOKENS[0], SPECIAL_TOKENS[2]

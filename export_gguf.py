@@ -39,10 +39,11 @@ import gguf
 import numpy as np
 import torch
 
+from checkpoint import check_tokenizer, load_model, unwrap
 from cli import ArgumentParser, UserError, run_main
 from dataset import load_tokenizer
 from export_hf import rope_parameters, special_token_ids
-from train_utils import ROOT, check_tokenizer, load_model, unwrap
+from train_utils import ROOT
 
 OUTTYPES = ("f32", "f16", "q8_0")
 PRE_TOKENIZER = "qwen2"

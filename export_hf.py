@@ -25,9 +25,10 @@ import os
 
 import torch
 
+from checkpoint import check_tokenizer, load_model, unwrap
 from cli import ArgumentParser, UserError, run_main
 from dataset import EOS, load_tokenizer
-from train_utils import ROOT, check_tokenizer, load_model, unwrap
+from train_utils import ROOT
 
 BOS = EOS  # the document boundary <|endoftext|>, which encode_raw puts before raw text
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -10,7 +10,8 @@ State-dict names: a wrapped `layers.0.self_attn.q_proj` holds `q_proj.base.weigh
 weights and restores plain nn.Linear modules, so a merged model has exactly the original Transformer keys again.
 """
 if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
-    raise SystemExit("lora.py is a library module, not a script: train adapters with SFT.py --lora_rank 8 (see README.md)")
+    raise SystemExit("lora.py is a library module, not a script: "
+                     "train adapters with SFT.py --lora_rank 8 (see README.md)")
 import math
 
 import torch

@@ -4,7 +4,8 @@ Parameter names follow Hugging Face's LlamaForCausalLM (without its "model." pre
 one-to-one onto `transformers` and the tests check the logits agree.
 """
 if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
-    raise SystemExit("model.py is a library module, not a script: train it with pretrain.py, chat with eval_model.py (see README.md)")
+    raise SystemExit("model.py is a library module, not a script: "
+                     "train it with pretrain.py, chat with eval_model.py (see README.md)")
 import math
 from typing import NamedTuple
 

@@ -25,6 +25,7 @@ import dpo
 import pretrain
 import SFT
 import train_utils as tu
+from checkpoint import load_model, read_weights
 from cli import NONNEG_INT, POSITIVE, POSITIVE_INT, ArgumentParser, UserError, run_main
 from Config import PRESETS
 from dataset import DPODataset, PretrainDataset, SFTDataset, collate_dpo, load_tokenizer, read_jsonl
@@ -154,7 +155,7 @@ def scoreboard(args, files, rt):
     """One row per stage: held-out perplexities and the task metrics each stage targets."""
     tokenizer = load_tokenizer(args.tokenizer_path)
     ckpt = os.path.join(args.out_dir, "checkpoints")
-    max_len = tu.read_weights(f"{ckpt}/pretrain_final.pth")[0].max_seq_len
+    max_len = read_weights(f"{ckpt}/pretrain_final.pth")[0].max_seq_len
     load = {"pretrain": PretrainDataset, "sft": SFTDataset, "reasoning": SFTDataset, "dpo": DPODataset}
     held = {name: load[name](files[name + "_eval"], args.tokenizer_path, max_len)
             for name in FILES if name + "_eval" in files}
@@ -164,7 +165,7 @@ def scoreboard(args, files, rt):
     for k, stage in enumerate(STAGES, 1):
         print(f"evaluating {stage} ({k}/{len(STAGES)}): held-out perplexity, {len(sft_items)} questions, "
               f"{len(reasoning_items)} word problems", flush=True)
-        model, _ = tu.load_model(f"{ckpt}/{stage}_final.pth", rt.device)
+        model, _ = load_model(f"{ckpt}/{stage}_final.pth", rt.device)
         model.eval()
         row = {"stage": stage}
         if "pretrain" in held:

@@ -224,7 +224,7 @@ def parse_args(argv=None):
 def source_model(args):
     """The float32 model to compare: the checkpoint (its tokenizer checked when perplexity is asked for), or a
     random-init --preset model (seed 0)."""
-    from train_utils import check_tokenizer, load_model
+    from checkpoint import check_tokenizer, load_model
     if not args.model_path:
         torch.manual_seed(0)
         return Transformer(get_config(args.preset or "small")).eval()

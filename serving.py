@@ -19,6 +19,9 @@ How the scheduler works (Engine):
 The model is not changed for any of this: the engine hands forward() a view of some rows of its cache that looks
 like a KVCache (forward uses only `length` and `update`).
 """
+if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
+    raise SystemExit("serving.py is a library module, not a script: "
+                     "serve a model with api_server.py (see README.md)")
 import collections
 import dataclasses
 import queue

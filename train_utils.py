@@ -3,7 +3,8 @@ the LR schedule, the optimizer, the batch plan, the run itself (resume, signals,
 evaluation, throughput/MFU and logging. The stage scripts (pretrain.py, SFT.py, distill.py, dpo.py) show their loops.
 """
 if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
-    raise SystemExit("train_utils.py is a library module, not a script: the training scripts are pretrain.py, SFT.py, distill.py and dpo.py (see README.md)")
+    raise SystemExit("train_utils.py is a library module, not a script: "
+                     "the training scripts are pretrain.py, SFT.py, distill.py and dpo.py (see README.md)")
 import argparse
 import contextlib
 import functools
@@ -23,10 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoint import (LATEST, STAGE_SCRIPTS, CheckpointError, atomic_torch_save, build_model,  # noqa: F401
-                        check_tokenizer, claim_save_dir, gather_rng_states, load_model, load_state_strict,
-                        load_training_state, rank0_says, read_weights, release_save_dir, resume_checkpoint,
-                        save_checkpoint, save_final, set_rng_state, tokenizer_fingerprint, unwrap)
+from checkpoint import (LATEST, check_tokenizer, claim_save_dir, load_training_state, rank0_says, release_save_dir,
+                        resume_checkpoint, save_checkpoint, save_final, tokenizer_fingerprint, unwrap)
 from cli import NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, UserError, add_bool_flag, number
 from dataset import LengthBucketBatches, collate_sft
 
@@ -515,7 +514,8 @@ class TrainingRun:
         optimizer step, so the last checkpoint stays the last good state. The same all-reduce tells every process
         whether any of them was asked to stop (a signal reaches each torchrun worker on its own)."""
         mean, bad, stop = all_reduce_sum(self.rt, [local_loss.item() / self.rt.world_size,
-                                                   float(not torch.isfinite(local_loss)), float(self.signal is not None)])
+                                                   float(not torch.isfinite(local_loss)),
+                                                   float(self.signal is not None)])
         if bad:
             raise SystemExit(f"loss is {local_loss.item()} at step {self.step + 1}: stopping. {self.latest} still "
                              f"holds the last good state; try a lower --learning_rate or --dtype bfloat16.")

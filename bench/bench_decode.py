@@ -23,10 +23,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from checkpoint import load_model  # noqa: E402
 from Config import PRESETS, describe, get_config  # noqa: E402
 from export_hf import export_hf  # noqa: E402
 from model import Transformer, compile_for_decoding  # noqa: E402
-from train_utils import load_model  # noqa: E402
 
 
 class Timing:

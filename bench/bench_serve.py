@@ -26,9 +26,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from checkpoint import save_final  # noqa: E402
 from Config import PRESETS, describe, get_config  # noqa: E402
 from model import Transformer  # noqa: E402
-from train_utils import save_final  # noqa: E402
 
 
 def parse_args(argv=None):

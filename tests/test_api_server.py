@@ -28,9 +28,9 @@ from conftest import ROOT, sharpened_tiny_model
 
 import api_server
 import serving
+from checkpoint import save_final
 from eval_model import encode_prompt, encode_raw, split_reasoning
 from serving import Engine
-from train_utils import save_final
 
 CONTEXT = 128
 SHARPEN = 20

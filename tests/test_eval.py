@@ -22,11 +22,11 @@ import eval_bench
 import eval_model
 import eval_ppl
 import quantize
+from checkpoint import save_final, tokenizer_fingerprint
 from cli import UserError, run_main
 from dataset import DataError, encode_chat, encode_text
 from lora import apply_lora, merge_lora, save_lora
 from model import Transformer
-from train_utils import save_final, tokenizer_fingerprint
 
 CONTEXT = 128
 SHARPEN = 20

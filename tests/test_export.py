@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import ROOT, trained_tiny_model, write_jsonl
 
+from checkpoint import save_final
 from cli import run_main
 from Config import LLMConfig
 from dataset import encode_chat
 from eval_model import encode_raw
 from model import Transformer
-from train_utils import save_final
 
 VOCAB = 512  # the conftest tokenizer's size
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}

@@ -6,21 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from checkpoint import load_state_strict
 from Config import LLMConfig
-from lora import (
-    TARGETS,
-    LoRALinear,
-    apply_lora,
-    count_parameters,
-    load_lora,
-    lora_config,
-    lora_state_dict,
-    lora_summary,
-    merge_lora,
-    save_lora,
-)
+from lora import (TARGETS, LoRALinear, apply_lora, count_parameters, load_lora, lora_config, lora_state_dict,
+                  lora_summary, merge_lora, save_lora)
 from model import Transformer
-from train_utils import build_optimizer, load_state_strict
+from train_utils import build_optimizer
 
 MOE = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2)
 

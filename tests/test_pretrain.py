@@ -12,8 +12,9 @@ import torch
 from conftest import ROOT, sample_sentence, write_jsonl
 
 import pretrain
+from checkpoint import load_model
 from cli import UserError
-from train_utils import load_model, lr_at
+from train_utils import lr_at
 
 SMALL = ["--preset", "tiny", "--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1",
          "--max_seq_len", "32", "--batch_size", "4", "--learning_rate", "3e-3", "--warmup_steps", "2",

@@ -165,7 +165,7 @@ def test_comparison_cli_refuses_bad_flags_in_one_line(case, capsys):
 
 def test_comparison_cli_names_the_mode_a_model_cannot_take(tokenizer_dir, tmp_path, capsys):
     import quantize
-    from train_utils import save_final
+    from checkpoint import save_final
     odd = Transformer(tiny_config(dim=80, n_heads=4, n_kv_heads=2, hidden_dim=160))
     path = save_final(odd, odd.config, str(tmp_path), "pretrain", tokenizer_dir)
     with pytest.raises(SystemExit) as stopped:

@@ -12,11 +12,11 @@ import distill
 import dpo
 import pretrain
 import SFT
+from checkpoint import load_model, read_weights, tokenizer_fingerprint
+from cli import UserError
 from dataset import encode_chat
 from demo_data import generate_demo
 from model import Transformer
-from cli import UserError
-from train_utils import load_model, read_weights, tokenizer_fingerprint
 
 MODEL = ["--preset", "tiny", "--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1",
          "--max_seq_len", "128"]

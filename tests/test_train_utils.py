@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_utils as tu
-from checkpoint import CheckpointError, rng_state
+from checkpoint import CheckpointError, atomic_torch_save, load_model, load_state_strict, rng_state, set_rng_state
 from Config import LLMConfig
 from model import Transformer
 
@@ -37,9 +37,9 @@ class Unpicklable:
 
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
     path = tmp_path / "latest_checkpoint.pth"
-    tu.atomic_torch_save({"step": 1, "w": torch.ones(3)}, str(path))
+    atomic_torch_save({"step": 1, "w": torch.ones(3)}, str(path))
     with pytest.raises(RuntimeError, match="disk full"):
-        tu.atomic_torch_save({"step": 2, "w": torch.zeros(1000), "bad": Unpicklable()}, str(path))
+        atomic_torch_save({"step": 2, "w": torch.zeros(1000), "bad": Unpicklable()}, str(path))
     assert torch.load(path, weights_only=True)["step"] == 1
     assert os.listdir(tmp_path) == ["latest_checkpoint.pth"]  # no temporary file left behind
 
@@ -55,7 +55,7 @@ def test_strict_load_names_missing_unexpected_and_mismatched_keys():
     del state["norm.weight"]
     state["layers.0.self_attn.q_proj.weight"] = torch.zeros(5, 5)
     with pytest.raises(ValueError) as err:
-        tu.load_state_strict(model, state, "ckpt.pth")
+        load_state_strict(model, state, "ckpt.pth")
     message = str(err.value)
     assert "ckpt.pth" in message and "norm.weight" in message and "extra.weight" in message
     assert "layers.0.self_attn.q_proj.weight: checkpoint (5, 5) vs model (32, 32)" in message
@@ -65,19 +65,19 @@ def test_load_model_round_trip_and_clear_errors(tmp_path):
     torch.manual_seed(0)
     model = tiny_model()
     torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, tmp_path / "m.pth")
-    loaded, _ = tu.load_model(str(tmp_path / "m.pth"))
+    loaded, _ = load_model(str(tmp_path / "m.pth"))
     ids = torch.randint(0, 50, (1, 8))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
-    longer, _ = tu.load_model(str(tmp_path / "m.pth"), max_seq_len=32)
+    longer, _ = load_model(str(tmp_path / "m.pth"), max_seq_len=32)
     assert longer.config.max_seq_len == 32
     with pytest.raises(CheckpointError, match="nope.pth: no such checkpoint"):
-        tu.load_model(str(tmp_path / "nope.pth"))
+        load_model(str(tmp_path / "nope.pth"))
     torch.save({"weights": 1}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not a checkpoint of this project .missing model, config"):
-        tu.load_model(str(tmp_path / "other.pth"))
+        load_model(str(tmp_path / "other.pth"))
     (tmp_path / "folder").mkdir()
     with pytest.raises(CheckpointError, match="config.json is missing"):
-        tu.load_model(str(tmp_path / "folder"))
+        load_model(str(tmp_path / "folder"))
 
 
 def test_lr_warmup_then_cosine_to_floor():
@@ -114,7 +114,7 @@ def test_rng_state_round_trips_through_pickle_and_weights_only(tmp_path):
     expected = torch.rand(3)
     torch.save({"rng": pickle.loads(pickle.dumps(state))}, tmp_path / "r.pth")
     torch.rand(10)
-    tu.set_rng_state(torch.load(tmp_path / "r.pth", weights_only=True)["rng"])
+    set_rng_state(torch.load(tmp_path / "r.pth", weights_only=True)["rng"])
     assert torch.equal(torch.rand(3), expected)
 
 
