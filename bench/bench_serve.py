@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 
 from checkpoint import save_final  # noqa: E402
 from Config import PRESETS, describe, get_config  # noqa: E402
+from dataset import load_tokenizer  # noqa: E402
 from model import Transformer  # noqa: E402
 
 
@@ -44,8 +45,7 @@ def parse_args(argv=None):
 
 
 def random_checkpoint(preset, tokenizer_path, out_dir):
-    from transformers import AutoTokenizer
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer_path))
+    vocab = len(load_tokenizer(tokenizer_path))
     config = get_config(preset, vocab_size=vocab)
     torch.manual_seed(0)
     print(f"random {preset} model: {describe(config)}, context {config.max_seq_len}", file=sys.stderr)

@@ -63,10 +63,10 @@ def main():
     flops = tu.flops_per_token(config, config.max_seq_len)
     with tempfile.TemporaryDirectory() as workdir:
         data_path, data_name = training_text(workdir)
-        peaks = [tu.peak_flops(device)] if device.type == "cuda" else [tu.measure_cpu_peak_flops(2048, 3.0)]
+        peaks = [tu.peak_flops(device)] if device.type == "cuda" else [tu.measure_cpu_peak_flops((2048,), 3.0)]
         results = {mode: run(args, data_path, workdir, mode == "compiled") for mode in args.modes.split(",")}
         if device.type == "cpu":
-            peaks.append(tu.measure_cpu_peak_flops(2048, 3.0))
+            peaks.append(tu.measure_cpu_peak_flops((2048,), 3.0))
     peak = max(peaks)
     print(f"\n{args.preset} preset ({describe(config)}), batch {args.batch_size} × {config.max_seq_len}, "
           f"{data_name}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
