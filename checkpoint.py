@@ -167,11 +167,15 @@ def save_checkpoint(path, *, model, optimizer, scaler, step, micro_step, args, r
     states = gather_rng_states(rt)
     if not rt.is_master:
         return
-    settings = {k: v for k, v in vars(args).items() if k != "given_flags"}
     atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "step": step, "micro_step": micro_step,
-                       "config": model.config.to_dict(), "args": settings, "rng": states,
+                       "config": model.config.to_dict(), "args": run_settings(args), "rng": states,
                        "world_size": rt.world_size, "history": history, "meta": meta, "extra": extra or {}}, path)
+
+
+def run_settings(args):
+    """The flags as a checkpoint keeps them (everything but the bookkeeping of which were given)."""
+    return {k: v for k, v in vars(args).items() if k != "given_flags"}
 
 
 def resume_checkpoint(args, stage):

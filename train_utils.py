@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import (LATEST, check_tokenizer, claim_save_dir, load_training_state, rank0_says, release_save_dir,
-                        resume_checkpoint, save_checkpoint, save_final, tokenizer_fingerprint, unwrap)
+                        resume_checkpoint, run_settings, save_checkpoint, save_final, tokenizer_fingerprint, unwrap)
 from cli import NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, UserError, add_bool_flag, number
 from dataset import LengthBucketBatches, collate_sft
 
@@ -113,11 +113,6 @@ def parse_stage_args(parser, argv=None, inputs=None):
     if args.stop_step is not None and args.max_steps is not None and args.stop_step > args.max_steps:
         parser.error(f"--stop_step {args.stop_step} is after the last step (--max_steps {args.max_steps})")
     return args
-
-
-def run_settings(args):
-    """The flags as saved in a checkpoint (everything but the bookkeeping of which were given)."""
-    return {k: v for k, v in vars(args).items() if k != "given_flags"}
 
 
 # ---------------------------------------------------------------------------------------------- devices and DDP

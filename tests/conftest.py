@@ -78,3 +78,16 @@ def sharpened_tiny_model(vocab_size, max_seq_len, seed=0, sharpen=20):
     with torch.no_grad():
         model.lm_head.weight.mul_(sharpen)
     return model.eval()
+
+
+def refused(main, argv, capsys):
+    """(exit status, the one stderr line that says "error:") of running a script's main as its command line would;
+    asserts there was no traceback."""
+    from cli import run_main
+    with pytest.raises(SystemExit) as stopped:
+        run_main(main, argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    return stopped.value.code, errors[0]

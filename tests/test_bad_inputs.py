@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, sample_sentence, write_jsonl
+from conftest import ROOT, refused, sample_sentence, write_jsonl
 
 import distill
 import dpo
@@ -20,7 +20,7 @@ import pretrain
 import SFT
 import train_utils as tu
 from checkpoint import CheckpointError, load_state_strict, read_weights, release_save_dir, tokenizer_fingerprint
-from cli import UserError, run_main
+from cli import UserError
 
 MODEL = ["--preset", "tiny", "--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1",
          "--max_seq_len", "32"]
@@ -54,16 +54,6 @@ def pretrain_args(w, save_dir, *extra):
 def chat_args(w, save_dir, *extra, data="chat", start="--pretrained_path"):
     return ["--data_path", w[data], "--tokenizer_path", w["tok"], "--cache_dir", w["cache"], "--save_dir",
             str(save_dir), start, os.path.join(w["done"], "pretrain_final.pth"), *TRAIN, *extra]
-
-
-def refused(module, argv, capsys):
-    """(exit status, the last stderr line) of running the script; asserts there was no traceback."""
-    with pytest.raises(SystemExit) as stopped:
-        run_main(module.main, argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    return stopped.value.code, lines[-1] if lines else ""
 
 
 def damaged(w, kind):
@@ -171,7 +161,7 @@ CASES = {
 def test_bad_input_is_refused_in_one_line(case, world, tmp_path, capsys):
     module, make_argv, expected = CASES[case]
     before = sorted(os.listdir(world["done"])), sorted(os.listdir(world["half"]))
-    code, line = refused(module, make_argv(world, tmp_path), capsys)
+    code, line = refused(module.main, make_argv(world, tmp_path), capsys)
     assert code not in (0, None)
     assert expected in line, line
     assert line.startswith(f"{os.path.basename(sys.argv[0])}: error:"), line
@@ -257,7 +247,7 @@ def test_a_folder_of_another_tokenizer_is_refused(world, tmp_path, capsys):
     shutil.copytree(os.path.join(world["done"], "pretrain_final"), folder)
     save_file(load_file(folder / "model.safetensors"), folder / "model.safetensors",
               metadata={"stage": "pretrain", "tokenizer": "0123456789abcdef"})
-    code, line = refused(SFT, chat_args(world, tmp_path / "run", "--pretrained_path", str(folder)), capsys)
+    code, line = refused(SFT.main, chat_args(world, tmp_path / "run", "--pretrained_path", str(folder)), capsys)
     assert code == 2 and "was trained with another tokenizer" in line
 
 
@@ -326,7 +316,7 @@ def test_two_runs_cannot_share_a_save_dir(world, tmp_path, capsys):
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         holder.write("pid 4242, pretrain")
         holder.flush()
-        code, line = refused(pretrain, pretrain_args(world, tmp_path, "--max_steps", "1"), capsys)
+        code, line = refused(pretrain.main, pretrain_args(world, tmp_path, "--max_steps", "1"), capsys)
     assert code == 2 and "is in use by another run (pid 4242, pretrain)" in line
     pretrain.main(pretrain_args(world, tmp_path, "--max_steps", "1"))  # free again once the holder is gone
 
