@@ -21,7 +21,7 @@ class LLMConfig:
     n_layers: int = 8
     n_heads: int = 8
     n_kv_heads: int = 2
-    vocab_size: int = 6400
+    vocab_size: int = 6464
     hidden_dim: int | None = None  # None: the SwiGLU size 8/3·dim rounded up to multiple_of
     multiple_of: int = 64
     max_seq_len: int = 512

@@ -4,7 +4,9 @@
 
 Formats, one JSON object per line (blank lines are ignored):
     pretrain            {"text": str}
-    SFT and reasoning   {"conversations": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
+    SFT and reasoning   {"conversations": [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...],
+                         "tools": [OpenAI function schemas] (optional)}; an assistant turn may carry OpenAI-shaped
+                        "tool_calls" (content then may be null), a "tool" turn answers them
     DPO                 {"chosen": [turns], "rejected": [turns]}, both sharing every turn but the final assistant one
 
 Each dataset validates and tokenizes its files once, in worker processes, into flat files under `.cache/tokens`
@@ -36,12 +38,14 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 from cli import UserError
-from train_tokenizer import REASONING_TAGS, SPECIAL_TOKENS
+from train_tokenizer import (END_THINK, END_TOOL_CALL, END_TOOL_RESPONSE, REASONING_TAGS, SPECIAL_TOKENS, THINK,
+                             TOOL_CALL, TOOL_RESPONSE, TOOLS_HEADER)
 
 EOS, IM_START, IM_END = SPECIAL_TOKENS[:3]  # ids 0, 1, 2, fixed by train_tokenizer
-REASONING_SPLIT = re.compile("(" + "|".join(map(re.escape, REASONING_TAGS)) + ")")
+# Tags that are special ids inside assistant content (the model's own output); everywhere else they are text.
+ASSISTANT_SPLIT = re.compile("(" + "|".join(map(re.escape, REASONING_TAGS + [TOOL_CALL, END_TOOL_CALL])) + ")")
 PAD = "<|pad|>"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 READ_KINDS = {"pretrain": "pretrain", "sft": "chat", "dpo": "dpo"}  # cache kind -> record format
 EXPECTED = {
     "pretrain": 'a JSONL file of {"text": ...} records',
@@ -49,7 +53,7 @@ EXPECTED = {
     "dpo": 'a JSONL file of {"chosen": [turns], "rejected": [turns]} records',
 }
 # Bump whenever the bytes written to the cache change (rendering, masking, truncation, file layout).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 META_KEYS = ("format", "kind", "dtype", "tokens", "max_seq_len", "pad_id", "sequences", "skipped", "truncated",
              "dropped", "first_problem", "sources")
 DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "tokens")
@@ -79,19 +83,86 @@ def conversation_problem(turns):
     """Why `turns` is not a trainable conversation, or None if it is."""
     if not isinstance(turns, list) or not turns:
         return "a conversation must be a non-empty list of turns"
+    open_calls = 0  # tool calls of the last assistant turn not yet answered by a tool turn
     for i, turn in enumerate(turns):
-        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)):
             return f"turn {i} must be an object with string 'role' and 'content'"
-        if turn["role"] not in ROLES:
-            return f"turn {i} has unknown role {turn['role']!r} (expected one of {', '.join(ROLES)})"
-        if turn["role"] == "system" and i > 0:
-            return f"turn {i} is a system turn; only the first turn may be one"
-        if turn["role"] == "assistant" and not turn["content"].strip():
-            return f"turn {i} has empty assistant content"
+        problem = turn_problem(turn, i, open_calls)
+        if problem:
+            return problem
+        open_calls = (len(turn.get("tool_calls") or []) if turn["role"] == "assistant" else
+                      open_calls - 1 if turn["role"] == "tool" else 0)
     if all(turn["role"] != "assistant" for turn in turns):
         return "the conversation has no assistant turn"
     if turns[-1]["role"] != "assistant":
         return "the conversation must end with an assistant turn"
+    return None
+
+
+def turn_problem(turn, i, open_calls):
+    """Why turn i is malformed, or None; open_calls: how many tool calls before it still await a tool turn."""
+    role, calls = turn["role"], turn.get("tool_calls")
+    if role not in ROLES:
+        return f"turn {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})"
+    if role == "system" and i > 0:
+        return f"turn {i} is a system turn; only the first turn may be one"
+    if calls is not None and role != "assistant":
+        return f"turn {i}: only assistant turns may have 'tool_calls'"
+    if role == "assistant" and calls is not None:
+        if not isinstance(calls, list) or not calls:
+            return f"turn {i}: 'tool_calls' must be a non-empty list"
+        for k, call in enumerate(calls):
+            problem = tool_call_problem(call)
+            if problem:
+                return f"turn {i} tool_calls[{k}]: {problem}"
+        if turn.get("content") is not None and not isinstance(turn["content"], str):
+            return f"turn {i} must have a string (or null) 'content'"
+        return None
+    if not isinstance(turn.get("content"), str):
+        return f"turn {i} must be an object with string 'role' and 'content'"
+    if role == "assistant" and not turn["content"].strip():
+        return f"turn {i} has empty assistant content"
+    if role == "tool" and open_calls < 1:
+        return f"turn {i} is a tool turn without an assistant tool call before it to answer"
+    return None
+
+
+def tool_call_problem(call):
+    """Why an assistant tool call ({"type": "function", "function": {"name", "arguments"}}, OpenAI's shape, or
+    the bare {"name", "arguments"}) is malformed, or None. Arguments are an object or a JSON string of one."""
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        return 'expected {"type": "function", "function": {"name": ..., "arguments": {...}}}'
+    if not isinstance(fn.get("name"), str) or not fn["name"].strip():
+        return "missing or empty function 'name'"
+    try:
+        tool_arguments(fn)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def tool_arguments(fn):
+    """A call's arguments as a dict: OpenAI sends them as a JSON string, chat templates take an object."""
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"'arguments' of {fn['name']!r} is not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(args, dict):
+        raise ValueError(f"'arguments' of {fn['name']!r} must be a JSON object, got {type(args).__name__}")
+    return args
+
+
+def tools_problem(tools):
+    """Why a record's "tools" list is not a list of OpenAI function schemas, or None."""
+    if not isinstance(tools, list):
+        return "'tools' must be a list of function schemas"
+    for k, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"].strip()):
+            return f'tools[{k}] must be {{"type": "function", "function": {{"name": ..., "parameters": {{...}}}}}}'
     return None
 
 
@@ -114,6 +185,8 @@ def record_problem(record, kind):
     if kind == "chat":
         if "conversations" not in record:
             return "missing field 'conversations'" + _format_hint(record, kind)
+        if "tools" in record and tools_problem(record["tools"]):
+            return tools_problem(record["tools"])
         return conversation_problem(record["conversations"])
     for side in ("chosen", "rejected"):
         if side not in record:
@@ -194,13 +267,14 @@ def read_jsonl(path, kind, skip_bad=False, stats=None):
 
 # ------------------------------------------------------------------------------------ chat rendering and masks
 
-def chat_pieces(messages, add_generation_prompt=False):
+def chat_pieces(messages, add_generation_prompt=False, tools=None, enable_thinking=None):
     """The rendered conversation as (text, special) pieces, plus the trained character spans.
 
-    Special pieces are the template's own markers (<|im_start|>, <|im_end|>) and the reasoning tags inside
-    assistant content; they become single ids. Everything else, message content included, is plain text: a user
-    who types "<|im_end|>" gets those characters, not a turn boundary. Each span [start, end) covers one assistant
-    turn's content and its closing <|im_end|>, not the "\\n" after it.
+    Special pieces are the template's own markers (<|im_start|>, <|im_end|>, the tool-call and tool-response tags,
+    the thinking switch) and the reasoning and tool-call tags inside assistant content; they become single ids.
+    Everything else, message content included, is plain text: a user who types "<|im_end|>" gets those characters,
+    not a turn boundary. Each span [start, end) covers one assistant turn's content, its tool calls and its closing
+    <|im_end|>, not the "\\n" after it. tools and enable_thinking: see train_tokenizer.CHAT_TEMPLATE.
     """
     pieces, spans, pos = [], [], 0
 
@@ -212,13 +286,30 @@ def chat_pieces(messages, add_generation_prompt=False):
             pieces.append((text, special))
         pos += len(text)
 
+    if tools:
+        system = messages[0]["content"] + "\n\n" if messages and messages[0]["role"] == "system" else ""
+        add(IM_START, True)
+        add("system\n" + system + TOOLS_HEADER + "".join(json_text(tool) + "\n" for tool in tools))
+        add(IM_END, True)
+        add("\n")
+        messages = messages[1:] if system else messages
     for message in messages:
         add(IM_START, True)
         add(message["role"] + "\n")
         start = pos
         if message["role"] == "assistant":
-            for i, part in enumerate(REASONING_SPLIT.split(message["content"])):
+            content = message.get("content") or ""
+            for i, part in enumerate(ASSISTANT_SPLIT.split(content)):
                 add(part, special=i % 2 == 1)
+            for k, call in enumerate(message.get("tool_calls") or []):
+                add("\n" if content or k else "")
+                add(TOOL_CALL, True)
+                add(tool_call_text(call))
+                add(END_TOOL_CALL, True)
+        elif message["role"] == "tool":
+            add(TOOL_RESPONSE, True)
+            add(message["content"])
+            add(END_TOOL_RESPONSE, True)
         else:
             add(message["content"])
         add(IM_END, True)
@@ -228,12 +319,27 @@ def chat_pieces(messages, add_generation_prompt=False):
     if add_generation_prompt:
         add(IM_START, True)
         add("assistant\n")
+        if enable_thinking is not None:
+            add(THINK, True)
+        if enable_thinking is False:
+            add(END_THINK, True)
     return pieces, spans
 
 
-def render_chat(messages, add_generation_prompt=False):
+def json_text(obj):
+    """JSON as the chat template's tojson writes it (json.dumps defaults, non-ASCII kept)."""
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def tool_call_text(call):
+    """The JSON inside <tool_call>…</tool_call>: {"name": ..., "arguments": {...}}, arguments normalised."""
+    fn = call.get("function", call)
+    return f'{{"name": {json_text(fn["name"])}, "arguments": {json_text(tool_arguments(fn))}}}'
+
+
+def render_chat(messages, add_generation_prompt=False, tools=None, enable_thinking=None):
     """ChatML text exactly as train_tokenizer.CHAT_TEMPLATE renders it, plus the trained character spans."""
-    pieces, spans = chat_pieces(messages, add_generation_prompt)
+    pieces, spans = chat_pieces(messages, add_generation_prompt, tools, enable_thinking)
     return "".join(text for text, _ in pieces), spans
 
 
@@ -337,14 +443,15 @@ def _encode_pieces_batch(tokenizer, piece_lists):
     return results
 
 
-def encode_chat(tokenizer, messages, last_turn_only=False, add_generation_prompt=False):
+def encode_chat(tokenizer, messages, last_turn_only=False, add_generation_prompt=False, tools=None,
+                enable_thinking=None):
     """Token ids (int64) and target mask (uint8) of a conversation.
 
-    Only the template's markers and assistant reasoning tags are special ids (see chat_pieces). The mask marks
-    every assistant turn's content and closing <|im_end|> (only the final turn with last_turn_only, as DPO needs),
-    never headers, system/user turns or the "\\n" after <|im_end|>.
+    Only the template's markers and assistant reasoning and tool-call tags are special ids (see chat_pieces). The
+    mask marks every assistant turn's content, tool calls and closing <|im_end|> (only the final turn with
+    last_turn_only, as DPO needs), never headers, system/user/tool turns or the "\\n" after <|im_end|>.
     """
-    return _encode_many(tokenizer, [messages], last_turn_only, add_generation_prompt)[0]
+    return _encode_many(tokenizer, [messages], last_turn_only, add_generation_prompt, [tools], enable_thinking)[0]
 
 
 def truncate_chat(ids, mask, max_tokens):
@@ -396,7 +503,7 @@ def _encode_chunk(job):
         tokens = np.concatenate([part for ids, _ in docs for part in (ids, eos)] or [np.zeros(0, dtype)])
         return {"tokens": tokens, "mask": None, "lengths": None, "sequences": len(records), **stats}
     if spec.kind == "sft":
-        sequences = _chat_sequences(tok, [r["conversations"] for r in records], spec.max_seq_len + 1, stats)
+        sequences = _chat_sequences(tok, records, spec.max_seq_len + 1, stats)
     else:
         sequences = _dpo_sequences(tok, records, spec.max_seq_len + 1, stats)
     return {"tokens": np.concatenate([ids for ids, _ in sequences] or [[]]).astype(dtype),
@@ -405,19 +512,22 @@ def _encode_chunk(job):
             "sequences": len(sequences) // (2 if spec.kind == "dpo" else 1), **stats}
 
 
-def _encode_many(tok, conversations, last_turn_only, add_generation_prompt=False):
-    """encode_chat for a batch, tokenized in one call."""
-    rendered = [chat_pieces(c, add_generation_prompt) for c in conversations]
+def _encode_many(tok, conversations, last_turn_only, add_generation_prompt=False, tools=None, enable_thinking=None):
+    """encode_chat for a batch, tokenized in one call; tools: one list (or None) per conversation."""
+    tools = tools or [None] * len(conversations)
+    rendered = [chat_pieces(c, add_generation_prompt, t, enable_thinking) for c, t in zip(conversations, tools)]
     encoded = _encode_pieces_batch(tok, [pieces for pieces, _ in rendered])
     return [(ids, target_mask(offsets, spans[-1:] if last_turn_only else spans))
             for (ids, offsets), (_, spans) in zip(encoded, rendered)]
 
 
-def _chat_sequences(tok, conversations, max_tokens, stats):
+def _chat_sequences(tok, records, max_tokens, stats):
     """SFT sequences cut to max_tokens at a reply boundary; conversations whose first reply does not fit are
     dropped. Counts go to stats["truncated"] and stats["dropped"]."""
     sequences = []
-    for ids, mask in _encode_many(tok, conversations, last_turn_only=False):
+    encoded = _encode_many(tok, [r["conversations"] for r in records], last_turn_only=False,
+                           tools=[r.get("tools") for r in records])
+    for ids, mask in encoded:
         fitted = truncate_chat(ids, mask, max_tokens)
         if fitted is None:
             stats["dropped"] += 1

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from checkpoint import check_tokenizer
 from cli import POSITIVE_INT, ArgumentParser, UserError, run_main
 from dataset import DataError, encode_chat, load_tokenizer, read_jsonl
-from eval_model import DTYPES, device_flag, encode_raw, inference_device, inference_dtype, load_for_inference
+from inference import DTYPES, device_flag, encode_raw, inference_device, inference_dtype, load_for_inference
 from train_utils import ROOT, format_seconds
 
 FORMATS = {"text": "pretrain", "chat": "chat"}  # --format -> dataset.read_jsonl kind

@@ -2,7 +2,7 @@
 
 The shipped tokenizer/ folder is exactly the output of (from the repo root; ~1.5 min, ~2 GB RAM on 2 CPU cores):
 
-    python train_tokenizer.py --vocab_size 6400 --out_dir tokenizer --overwrite \
+    python train_tokenizer.py --vocab_size 6464 --out_dir tokenizer --overwrite \
         --data_path ../shared/data/pretrain_en_gutenberg.jsonl ../shared/data/pretrain_en_tinyshakespeare.jsonl \
                     ../shared/data/pretrain_zh_chinese_poetry.jsonl ../shared/data/pretrain_zh_novels.jsonl \
                     ../shared/data/sft_en_alpaca_20k.jsonl ../shared/data/sft_zh_alpaca_hikariming.jsonl \
@@ -28,17 +28,56 @@ from transformers import PreTrainedTokenizerFast
 
 from cli import NONNEG_INT, POSITIVE_INT, ArgumentParser, UserError, add_bool_flag, number, run_main
 
-# Order fixes the ids: <|endoftext|> is 0, <|im_start|> 1, <|im_end|> 2, ... <|pad|> 7.
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>",
-                  "<|pad|>"]
-REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+# Order fixes the ids: <|endoftext|> is 0, <|im_start|> 1, <|im_end|> 2, ... <|pad|> 7, then the tool-calling tags
+# 8-11 and reserved tokens 12-63, so a later feature gets a single-id token without retraining the tokenizer.
+# 64 special tokens + 6400 learned ones = the default --vocab_size 6464 (a multiple of 64, which GPU matmuls like).
+THINK, END_THINK, ANSWER, END_ANSWER = REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+TOOL_CALL, END_TOOL_CALL, TOOL_RESPONSE, END_TOOL_RESPONSE = TOOL_TAGS = \
+    ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+RESERVED = [f"<|reserved_{i}|>" for i in range(52)]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *REASONING_TAGS, "<|pad|>", *TOOL_TAGS, *RESERVED]
 
-# ChatML. dataset.render_chat builds exactly this string; a test holds the two together.
+# ChatML with tools and a thinking switch. dataset.chat_pieces builds exactly this string; a test holds the two
+# together (for tool-call arguments given as objects; a string is rendered as given, dataset.py normalises it).
+#   tools: OpenAI function schemas, one JSON line each, in a system turn (after the system prompt, if any).
+#   assistant tool_calls: <tool_call>{"name": ..., "arguments": {...}}</tool_call> after the content, one per call.
+#   role "tool": its content inside <tool_response>…</tool_response>.
+#   enable_thinking: false closes an empty <think></think> after the generation prompt, so the model answers at
+#   once; true opens <think>, so it must reason first; left out, the model decides.
+TOOLS_HEADER = ("# Tools\nYou may call these functions. To call one, reply with a tool call holding its name and "
+                "JSON arguments; its result comes back in a tool turn.\n")
 CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}"
+    "{{- '" + TOOLS_HEADER.replace("\n", "\\n") + "' -}}"
+    "{%- for tool in tools -%}{{- (tool | tojson) + '\\n' -}}{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' -}}"
+    "{%- if message['role'] == 'system' and tools -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' + (message['content'] or '') -}}"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+    "{%- set args = fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) -%}"
+    "{{- ('\\n' if (message['content'] or not loop.first) else '') + '<tool_call>{\"name\": ' + (fn['name'] | tojson)"
+    " + ', \"arguments\": ' + args + '}</tool_call>' -}}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|im_start|>tool\\n<tool_response>' + message['content'] + '</tool_response><|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think></think>' -}}"
+    "{%- elif enable_thinking is defined and enable_thinking is true -%}{{- '<think>' -}}{%- endif -%}"
+    "{%- endif -%}"
 )
 
 # Pre-tokenizer split (Qwen2/GPT-4 style). BPE merges never cross these pieces. Alternatives, in order:
@@ -191,8 +230,9 @@ def parse_args(argv=None):
     parser.add_argument("--data_path", nargs="+", required=True,
                         help="training JSONL file(s): {'text': ...} and/or {'conversations': [{'role', 'content'}]} "
                              "records (DPO 'chosen'/'rejected' turns are read too)")
-    parser.add_argument("--vocab_size", type=number(int, low=256 + len(SPECIAL_TOKENS), high=MAX_VOCAB), default=6400,
-                        help="total vocabulary incl. the 8 special tokens (at least 256 bytes + those 8)")
+    parser.add_argument("--vocab_size", type=number(int, low=256 + len(SPECIAL_TOKENS), high=MAX_VOCAB), default=6464,
+                        help=f"total vocabulary incl. the {len(SPECIAL_TOKENS)} special tokens (at least 256 bytes + "
+                             f"those {len(SPECIAL_TOKENS)})")
     parser.add_argument("--out_dir", default="tokenizer",
                         help="output folder, created if needed; relative to the current directory")
     add_bool_flag(parser, "--overwrite", help="replace the tokenizer already in --out_dir (refused without it)")

@@ -16,8 +16,9 @@ from checkpoint import save_final
 from cli import run_main
 from Config import LLMConfig
 from dataset import encode_chat
-from eval_model import encode_raw
+from inference import encode_raw
 from model import Transformer
+from train_tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 VOCAB = 512  # the conftest tokenizer's size
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
@@ -78,11 +79,18 @@ def test_hf_export_config_tokenizer_and_chat_template(tokenizer, tokenizer_dir, 
     generation = json.loads((tmp_path / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [ids["<|im_end|>"], ids["<|endoftext|>"]]
     exported = AutoTokenizer.from_pretrained(str(tmp_path))
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"person": "安娜", "attribute": "age"}}}
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "A fact about a person",
+                                               "parameters": {"type": "object", "properties": {}}}}]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "猫 and dogs?"},
                 {"role": "assistant", "content": "<think>stars</think><answer>rivers</answer>"},
-                {"role": "user", "content": "More."}]
-    ours, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
-    assert exported.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == ours.tolist()
+                {"role": "user", "content": "How old is 安娜?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "content": "31"},
+                {"role": "assistant", "content": "31."}, {"role": "user", "content": "More."}]
+    for kwargs in ({}, {"tools": tools}, {"tools": tools, "enable_thinking": False}, {"enable_thinking": True}):
+        ours, _ = encode_chat(tokenizer, messages, add_generation_prompt=True, **kwargs)
+        assert exported.apply_chat_template(messages, add_generation_prompt=True, return_dict=False,
+                                            **kwargs) == ours.tolist(), kwargs
 
 
 def test_ntk_rope_exports_as_a_stretched_base(tokenizer, tokenizer_dir, tmp_path):
@@ -257,9 +265,7 @@ def test_gguf_tokenizer(tokenizer, tokenizer_dir, tmp_path):
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     assert len(tokens) == len(types) == VOCAB + 3 and fields["llama.vocab_size"] == VOCAB + 3
     assert tokens[:VOCAB] == tokenizer.convert_ids_to_tokens(list(range(VOCAB)))
-    specials = {"<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>",
-                "<|pad|>"}
-    assert {tokens[i] for i, t in enumerate(types) if t == gguf.TokenType.CONTROL} == specials
+    assert {tokens[i] for i, t in enumerate(types) if t == gguf.TokenType.CONTROL} == set(SPECIAL_TOKENS)
     assert types[VOCAB:] == [gguf.TokenType.UNUSED] * 3
     with open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8") as f:
         merges = json.load(f)["model"]["merges"]
@@ -268,7 +274,7 @@ def test_gguf_tokenizer(tokenizer, tokenizer_dir, tmp_path):
     assert tokens[fields["tokenizer.ggml.bos_token_id"]] == "<|endoftext|>"
     assert tokens[fields["tokenizer.ggml.padding_token_id"]] == "<|pad|>"
     assert fields["tokenizer.ggml.add_bos_token"] is False and fields["tokenizer.ggml.add_eos_token"] is False
-    assert fields["tokenizer.chat_template"] == tokenizer.chat_template
+    assert fields["tokenizer.chat_template"] == tokenizer.chat_template == CHAT_TEMPLATE  # tools and thinking too
 
 
 def ggml_rope(x, theta):

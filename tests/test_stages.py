@@ -125,7 +125,7 @@ def test_sft_long_context_continues_at_a_longer_length(setup, tmp_path):
     assert config.max_seq_len == 256
     assert config.rope_scaling == {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128}
     model, _ = load_model(str(tmp_path / "sft_final.pth"))
-    assert model(torch.zeros(1, 256, dtype=torch.long)).logits.shape == (1, 256, 6400)
+    assert model(torch.zeros(1, 256, dtype=torch.long)).logits.shape == (1, 256, 6464)
 
 
 def test_sft_refuses_a_checkpoint_of_another_tokenizer(setup, tmp_path):

@@ -17,6 +17,7 @@ from train_tokenizer import (
     REASONING_TAGS,
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
+    TOOL_TAGS,
     DataError,
     build_tokenizer,
     bytes_per_token,
@@ -69,8 +70,8 @@ def test_special_tokens_inside_text(tokenizer):
 
 
 @pytest.mark.parametrize("context", ["", " ", "x", "好", "\n", "<", ">", "think", "</", "<think", "the "])
-def test_reasoning_tags_never_split_into_subwords(tokenizer, context):
-    for tag in REASONING_TAGS:
+def test_reasoning_and_tool_tags_never_split_into_subwords(tokenizer, context):
+    for tag in REASONING_TAGS + TOOL_TAGS:
         text = f"{context}{tag}{context}"
         ids, tag_id = encode(tokenizer, text), SPECIAL_TOKENS.index(tag)
         assert ids.count(tag_id) == 1, (text, ids)
@@ -95,7 +96,7 @@ def test_pre_tokenizer_splits_words_digits_and_punctuation(tokenizer):
 
 
 def test_numbers_are_learned_digit_by_digit():
-    tok = build_tokenizer(iter(["in 2024 we paid 1234 dollars, 2024 and 1234"] * 200), vocab_size=300)
+    tok = build_tokenizer(iter(["in 2024 we paid 1234 dollars, 2024 and 1234"] * 200), vocab_size=256 + len(SPECIAL_TOKENS) + 36)
     learned = [tok.decode([i]) for i in range(len(SPECIAL_TOKENS), len(tok))]
     assert " dollars" in learned  # words merge ...
     assert all(sum(c.isdigit() for c in t) <= 1 for t in learned)  # ... digits never do
@@ -236,7 +237,7 @@ def test_cli_malformed_line_and_bad_flags(tmp_path, capsys):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "one"}\n{"text": "two"\n', encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(f"{path}:2: invalid JSON")):
-        main(["--data_path", str(path), "--out_dir", str(tmp_path / "tok"), "--vocab_size", "300"])
+        main(["--data_path", str(path), "--out_dir", str(tmp_path / "tok"), "--vocab_size", "400"])
     evalf = write_jsonl(tmp_path / "ok.jsonl", [{"text": "fine"}])
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nope.jsonl'}: no such file")):
         main(["--data_path", evalf, "--eval_path", str(tmp_path / "nope.jsonl"), "--out_dir", str(tmp_path / "t")])
@@ -247,7 +248,7 @@ def test_cli_malformed_line_and_bad_flags(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--vocab_size", "100"], "argument --vocab_size: must be >= 264, got 100"),
+    (["--vocab_size", "100"], "argument --vocab_size: must be >= 320, got 100"),
     (["--vocab_size", "1e9"], "argument --vocab_size: expected an integer, got '1e9'"),
     (["--vocab_size", "999999999"], "argument --vocab_size: must be <= 262144, got 999999999"),
     (["--weights", "0"], "argument --weights: must be >= 1, got 0"),
@@ -275,13 +276,13 @@ def trained_folder(tmp_path):
 def test_existing_tokenizer_is_not_overwritten_without_overwrite(tmp_path):
     out_dir = trained_folder(tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": sample_sentence(random.Random(i))} for i in range(50)])
-    proc = run_cli("--data_path", data, "--out_dir", str(out_dir), "--vocab_size", "300")
+    proc = run_cli("--data_path", data, "--out_dir", str(out_dir), "--vocab_size", "400")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert f"--out_dir {out_dir} already holds a tokenizer (tokenizer.json); pass --overwrite" in proc.stderr
     assert (out_dir / "tokenizer.json").read_text(encoding="utf-8") == "{}"
-    main(["--data_path", data, "--out_dir", str(out_dir), "--vocab_size", "300", "--overwrite", "--holdout_every",
+    main(["--data_path", data, "--out_dir", str(out_dir), "--vocab_size", "400", "--overwrite", "--holdout_every",
           "0"])
-    assert len(AutoTokenizer.from_pretrained(str(out_dir))) == 300
+    assert len(AutoTokenizer.from_pretrained(str(out_dir))) == 400
 
 
 def test_out_dir_that_is_a_file_is_refused(tmp_path):
@@ -293,7 +294,7 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path):
 def test_cli_data_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "one"}\n{"title": "x"}\n', encoding="utf-8")
-    proc = run_cli("--data_path", str(bad), "--out_dir", str(tmp_path / "tok"), "--vocab_size", "300")
+    proc = run_cli("--data_path", str(bad), "--out_dir", str(tmp_path / "tok"), "--vocab_size", "400")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr == f"train_tokenizer.py: error: {bad}:2: expected a 'text' or 'conversations' " \
                           f"(or 'chosen'/'rejected') field\n"
@@ -308,7 +309,11 @@ def test_small_corpus_says_the_vocabulary_is_smaller_than_asked(tmp_path, capsys
 # ---- the shipped tokenizer/ ---------------------------------------------------------------------------------------
 
 def test_shipped_tokenizer(shipped):
-    assert len(shipped) == 6400
+    assert len(shipped) == 6464
+    assert SPECIAL_TOKENS[:8] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>",
+                                  "</answer>", "<|pad|>"]  # ids 0-7 never move: checkpoints and data depend on them
+    assert SPECIAL_TOKENS[8:12] == ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+    assert SPECIAL_TOKENS[12:] == [f"<|reserved_{i}|>" for i in range(52)]
     for i, token in enumerate(SPECIAL_TOKENS):
         assert shipped.convert_tokens_to_ids(token) == i and encode(shipped, token) == [i]
     assert (shipped.eos_token_id, shipped.pad_token_id) == (2, 7)
