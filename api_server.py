@@ -7,9 +7,11 @@
 Then point any OpenAI client at it (`OpenAI(base_url="http://127.0.0.1:8080/v1", api_key=...)`), or open
 http://127.0.0.1:8080/ in a browser for the chat page. Endpoints:
 
-  POST /v1/chat/completions  messages (a system or developer message first, then user/assistant), max_tokens (or
-                             max_completion_tokens), temperature, top_p, top_k, min_p, repetition_penalty, stop (a
-                             string or a list), seed, stream, stream_options.include_usage.
+  POST /v1/chat/completions  messages (a system or developer message first, then user, assistant and tool
+                             messages), max_tokens (or max_completion_tokens), temperature, top_p, top_k, min_p,
+                             repetition_penalty, stop (a string or a list), seed, stream,
+                             stream_options.include_usage, tools, tool_choice, parallel_tool_calls,
+                             chat_template_kwargs.enable_thinking.
                              A reasoning model's <think>…</think> comes back as `reasoning_content`.
   POST /v1/completions       raw text continuation of `prompt` (for pretrained models); same sampling fields. It
                              ends at <|endoftext|> or <|im_end|>, and neither is part of the text.
@@ -18,6 +20,26 @@ http://127.0.0.1:8080/ in a browser for the chat page. Endpoints:
                              and the error once the engine thread has died (restart the server then).
   GET  /                     the chat page (static; it sends the API key you type into it).
 
+Tool calling, as OpenAI's API has it. `tools` are OpenAI function schemas ({"type": "function", "function":
+{"name", "description", "parameters"}}); the chat template writes them, as sent, into the system turn. The model's
+calls come back as `message.tool_calls` (ids "call_…", arguments a JSON string) with finish_reason "tool_calls"
+("length" if max_tokens cut the reply) and content null, or the text the model wrote before the calls. Streamed,
+each call is two `delta.tool_calls` chunks (index, id, type, name and empty arguments, then the arguments), sent
+once the call is complete. A call that is not {"name": ..., "arguments": {...}} JSON comes back as content,
+"<tool_call>…</tool_call>" and all. tool_choice: "auto" (the default with tools: the model decides), "none" (the
+default without tools: <tool_call> is never sampled), "required" (the reply starts with <tool_call>), or
+{"type": "function", "function": {"name": N}} (the reply starts with the call of N up to its arguments, which the
+model writes). A forced call counts as prompt tokens and cannot follow reasoning (enable_thinking true is refused
+with it). parallel_tool_calls false ends the reply at its first </tool_call>. Send the results back as
+{"role": "tool", "tool_call_id", "content"} messages after the assistant message with the calls (its content may
+be null); they are matched to the calls by position, as the template renders them. An assistant message's
+`reasoning_content` is accepted and left out of the prompt (past reasoning is dropped, as Qwen3's template drops
+it for past turns). The legacy `functions`/`function_call` are refused: send tools/tool_choice.
+
+chat_template_kwargs takes only enable_thinking (other keys are refused): false ends the generation prompt with an
+empty <think></think> so the model answers at once, true with <think> so it reasons first; left out, the model
+decides (train_tokenizer.CHAT_TEMPLATE).
+
 Sampling: temperature 0 or top_p 0 is greedy; top_k 0, min_p 0 and repetition_penalty 1 are off. They apply in
 model.process_logits's order (repetition penalty, temperature, top-k, top-p), then min_p. max_tokens is honoured
 exactly, streaming or not; left out, the reply may fill the rest of the context. Requests that do not fit get a 400
@@ -25,8 +47,8 @@ error naming the token counts. completion_tokens counts every sampled token, the
 Server-Sent Events in OpenAI's chunk format and end with `data: [DONE]`. Stop strings are matched in the visible
 text (content and reasoning_content, which are stripped of surrounding whitespace). Message content is plain text: a
 "<|im_end|>" typed into a message is those characters, never a turn boundary. Fields that would change the reply but
-are not implemented (n > 1, logprobs, presence/frequency penalties, tools, response_format, reasoning_effort, ...)
-are refused with a 400, never ignored; the request's `model` is not checked (responses name the served model).
+are not implemented (n > 1, logprobs, presence/frequency penalties, response_format, reasoning_effort, ...) are
+refused with a 400, never ignored; the request's `model` is not checked (responses name the served model).
 
 Requests are checked before any work: POST bodies must be JSON (`Content-Type: application/json`, else 415) of at
 most --max_request_bytes (else 413). Bound to a loopback address (the default), the server answers only requests
@@ -41,7 +63,6 @@ route except /health and the page itself.
 """
 import argparse
 import asyncio
-import collections
 import hmac
 import ipaddress
 import json
@@ -62,9 +83,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from checkpoint import check_tokenizer
 from cli import POSITIVE_INT, ArgumentParser, number, run_main
-from dataset import load_tokenizer
-from eval_model import encode_prompt, encode_raw, inference_device, inference_dtype, load_for_inference, stop_ids
+from dataset import encode_text, load_tokenizer, tool_arguments
+from inference import (encode_prompt, encode_raw, inference_device, inference_dtype, load_for_inference, stop_ids,
+                       thinking_start)
 from serving import Engine
+from tools import openai_tool_calls
+from train_tokenizer import END_TOOL_CALL, TOOL_CALL
 from train_utils import ROOT
 
 KEY_ENV = "API_KEY"
@@ -76,11 +100,12 @@ MAX_REQUEST_BYTES = 2**20         # a full context of text is a few KB; the cap 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 # Fields of OpenAI's API that would change the reply but are not implemented here, with the values that change
 # nothing (none: any value is refused). null is always accepted.
+# functions/function_call: OpenAI's deprecated form of tools/tool_choice, refused with the others.
 UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "presence_penalty": (0,),
-               "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
-               "tool_choice": ("none",), "function_call": ("none",), "echo": (False,), "suffix": ("",),
-               "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (), "prediction": (),
-               "reasoning_effort": (), "verbosity": (), "web_search_options": ()}
+               "frequency_penalty": (0,), "logit_bias": ({},), "functions": ([],), "function_call": ("none",),
+               "echo": (False,), "suffix": ("",), "response_format": ({"type": "text"},), "modalities": (["text"],),
+               "audio": (), "prediction": (), "reasoning_effort": (), "verbosity": (), "web_search_options": ()}
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
 UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|[A-Z]\w*)$")  # pydantic's names for union members
 
 
@@ -131,9 +156,25 @@ def parse_body(model, raw):
         error = e.errors()[0]
         if error["type"] == "json_invalid":
             raise APIError(400, f"malformed JSON body: {error['ctx']['error']}") from None
-        path = [str(p) for p in error["loc"] if not UNION_TAG.match(str(p))]
-        param = ".".join(path) or None
-        raise APIError(400, f"{param or 'body'}: {error['msg']}", param=param, code="invalid_value") from None
+        raise invalid(error) from None
+
+
+def validated(model, value, param):
+    """A part of the body (kept as plain JSON, e.g. to render it as sent) checked as `model`, or a 400 naming the
+    first problem under `param`."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as e:
+        raise invalid(e.errors()[0], (param,)) from None
+
+
+def invalid(error, prefix=()):
+    """The 400 for one pydantic error: param is its dotted location, e.g. "messages.0.content"."""
+    path = [str(p) for p in (*prefix, *error["loc"]) if not UNION_TAG.match(str(p))]
+    param = ".".join(path) or None
+    if error["type"] == "extra_forbidden":
+        return APIError(400, f"'{param}' is not supported by this server", param=param, code="unsupported_parameter")
+    return APIError(400, f"{param or 'body'}: {error['msg']}", param=param, code="invalid_value")
 
 
 def add_error_handlers(app):
@@ -236,17 +277,78 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str = Field(min_length=1)
+    arguments: str | dict  # OpenAI sends a JSON string of an object; the object itself is taken too
+
+
+class ToolCall(BaseModel):
+    """A call in an assistant message, as OpenAI returns it (and this server does)."""
+    model_config = ConfigDict(strict=True)
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(strict=True)
-    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: str | list[TextPart]
+    # developer: OpenAI's newer name for system; tool: a tool's result, answering an assistant's tool call.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # null only in an assistant message with tool_calls
+    tool_calls: list[ToolCall] | None = None      # assistant messages only
+    tool_call_id: str | None = None               # required in tool messages
+    reasoning_content: str | None = None          # accepted and dropped: past reasoning is not in the prompt
 
     def text(self):
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema; the model reads it as written
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """One entry of `tools`: an OpenAI function schema."""
+    model_config = ConfigDict(strict=True)
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice {"type": "function", "function": {"name": ...}}: that function is called."""
+    model_config = ConfigDict(strict=True)
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class TemplateKwargs(BaseModel):
+    """chat_template_kwargs: the chat template's switches (train_tokenizer.CHAT_TEMPLATE); others are refused."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+    enable_thinking: bool | None = None
 
 
 class ChatBody(Body):
     messages: list[Message] = Field(min_length=1)
+    tools: list[dict] | None = None         # checked as Tool, rendered as sent (the template writes them as JSON)
+    tool_choice: str | dict | None = None   # "none", "auto", "required" or a NamedToolChoice
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: TemplateKwargs | None = None
+
+    @property
+    def enable_thinking(self):
+        return self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
 
 
 class CompletionBody(Body):
@@ -264,14 +366,97 @@ class CompletionBody(Body):
 # --------------------------------------------------------------------------------------------- prompt checking
 
 def chat_messages(body):
-    """The messages as dicts for encode_prompt (a developer message is a system message); a system message
-    anywhere but first is an error."""
-    roles = ["system" if m.role == "developer" else m.role for m in body.messages]
-    for i, role in enumerate(roles[1:], 1):
-        if role == "system":
-            raise APIError(400, f"messages[{i}] is a {body.messages[i].role} message; only the first message may be "
-                                f"a system or developer message", param=f"messages.{i}.role")
-    return [{"role": role, "content": m.text()} for role, m in zip(roles, body.messages)]
+    """The messages as dicts for encode_prompt (a developer message is a system message). Refused: a system
+    message anywhere but first, a message without content (an assistant one may have tool_calls instead),
+    tool_calls outside assistant messages or with arguments that are not a JSON object, and a tool message without
+    a tool_call_id or without an assistant tool call before it to answer. Tool results are matched to the calls by
+    position, as the chat template renders them; reasoning_content is dropped."""
+    messages, open_calls = [], 0  # open_calls: tool calls of the last assistant message not yet answered
+    for i, m in enumerate(body.messages):
+        role = "system" if m.role == "developer" else m.role
+        check_message(m, i, role, open_calls)
+        message = {"role": role, "content": m.text()}
+        if m.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+        messages.append(message)
+        open_calls = len(m.tool_calls or []) if role == "assistant" else open_calls - 1 if role == "tool" else 0
+    return messages
+
+
+def check_message(m, i, role, open_calls):
+    """The 400 for message i's first problem (see chat_messages)."""
+    if role == "system" and i > 0:
+        raise APIError(400, f"messages[{i}] is a {m.role} message; only the first message may be a system or "
+                            f"developer message", param=f"messages.{i}.role")
+    if m.tool_calls is not None and role != "assistant":
+        raise APIError(400, f"messages[{i}] is a {m.role} message; only assistant messages may have tool_calls",
+                       param=f"messages.{i}.tool_calls")
+    if m.content is None and not (role == "assistant" and m.tool_calls):
+        needs = "content or tool_calls" if role == "assistant" else "content (a string or a list of text parts)"
+        raise APIError(400, f"messages[{i}] ({m.role}) needs {needs}", param=f"messages.{i}.content")
+    for k, call in enumerate(m.tool_calls or []):
+        try:
+            tool_arguments(call.function.model_dump())
+        except ValueError as e:
+            raise APIError(400, f"messages[{i}].tool_calls[{k}]: {e}",
+                           param=f"messages.{i}.tool_calls.{k}.function.arguments") from None
+    if role == "tool" and m.tool_call_id is None:
+        raise APIError(400, f"messages[{i}]: a tool message needs the tool_call_id of the call it answers",
+                       param=f"messages.{i}.tool_call_id")
+    if role == "tool" and open_calls < 1:
+        raise APIError(400, f"messages[{i}] is a tool message without an assistant tool call before it to answer "
+                            f"(one tool message per call, right after the assistant message that made them)",
+                       param=f"messages.{i}.role")
+
+
+def request_tools(body):
+    """The tools as sent (None for none), each checked as an OpenAI function schema with a unique name."""
+    names = set()
+    for k, tool in enumerate(body.tools or []):
+        name = validated(Tool, tool, f"tools.{k}").function.name
+        if name in names:
+            raise APIError(400, f"tools[{k}]: a second function named {name!r}", param=f"tools.{k}.function.name")
+        names.add(name)
+    return body.tools or None
+
+
+def tool_choice(body, tools):
+    """(mode, name): mode "none", "auto", "required" or "function" (name: the function to call). Left out: "auto"
+    with tools, "none" without (as OpenAI has it). Forcing a call needs tools, and cannot follow reasoning
+    (enable_thinking true)."""
+    choice = body.tool_choice
+    if choice is None:
+        return ("auto" if tools else "none"), None
+    if isinstance(choice, dict):
+        mode, name = "function", validated(NamedToolChoice, choice, "tool_choice").function.name
+        names = [tool["function"]["name"] for tool in tools or []]
+        if name not in names:
+            raise APIError(400, f"tool_choice names the function {name!r}, which is not in tools (they are: "
+                                f"{', '.join(names) or 'none'})", param="tool_choice")
+    elif choice in ("none", "auto", "required"):
+        mode, name = choice, None
+    else:
+        raise APIError(400, f'tool_choice: expected "none", "auto", "required" or {{"type": "function", '
+                            f'"function": {{"name": ...}}}}, got {choice!r}', param="tool_choice")
+    if mode == "required" and not tools:
+        raise APIError(400, "tool_choice asks for a tool call but the request has no tools", param="tool_choice")
+    if mode in ("required", "function") and body.enable_thinking:
+        raise APIError(400, "a forced tool call (tool_choice \"required\" or a named function) starts the reply, so "
+                            "it cannot come after reasoning: leave chat_template_kwargs.enable_thinking out or false, "
+                            "or use tool_choice \"auto\"", param="tool_choice")
+    return mode, name
+
+
+def forced_call(tokenizer, mode, name):
+    """The ids that start the reply when tool_choice forces a call: <tool_call> ("required"), then for a named
+    function its start up to '"arguments":', so the model writes only the arguments. The text stops before the
+    space: the pre-tokenizer splits there, so these ids are the ones the whole call has in training."""
+    if mode in ("none", "auto"):
+        return []
+    call = [tokenizer.convert_tokens_to_ids(TOOL_CALL)]
+    if mode == "required":
+        return call
+    return call + encode_text(tokenizer, f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments":')
 
 
 def reply_budget(body, n_prompt, context, param):
@@ -319,10 +504,12 @@ class Channel:
 
 
 class Job:
-    """One request's generation: the engine.submit arguments, the response ids, and helpers for the response."""
+    """One request's generation: the engine.submit arguments, the response ids, and helpers for the response.
+    generation: more engine.submit arguments (banned_ids, reply_start); more_stops: stop ids besides the turn end."""
 
-    def __init__(self, server, body, prompt_ids, max_tokens, chat):
+    def __init__(self, server, body, prompt_ids, max_tokens, chat, more_stops=(), **generation):
         self.server, self.body, self.prompt_ids, self.max_tokens, self.chat = server, body, prompt_ids, max_tokens, chat
+        self.more_stops, self.generation = list(more_stops), generation
         self.stops = body.check()
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
@@ -331,11 +518,11 @@ class Job:
     def submit(self, sink):
         body = self.body
         # Both endpoints end at <|im_end|> too: a chat model's turn end is never part of a completion's text.
-        ends = stop_ids(self.server.tokenizer, raw=False)
+        ends = stop_ids(self.server.tokenizer, raw=False) + self.more_stops
         return self.server.engine.submit(
             self.prompt_ids, self.max_tokens, sink, chat=self.chat, stop_ids=ends, stop_strings=self.stops,
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty, seed=body.seed)
+            repetition_penalty=body.repetition_penalty, seed=body.seed, **self.generation)
 
     def usage(self, completion_tokens):
         n = len(self.prompt_ids)
@@ -346,12 +533,12 @@ class Job:
                 "choices": choices, **extra}
 
     async def collect(self, request):
-        """Run to the end; returns (texts by section, finish_reason, completion_tokens), or None if the client
-        disconnected first (its row is freed)."""
+        """Run to the end; returns (the (section, text) and ("tool_call", call) pieces in order, finish_reason,
+        completion_tokens), or None if the client disconnected first (its row is freed)."""
         channel = Channel()
         handle = self.submit(channel.sink)
         watcher = asyncio.create_task(channel.watch(request))
-        texts = collections.defaultdict(str)
+        pieces = []
         try:
             async for event in channel.events():
                 if event[0] == "error":
@@ -359,15 +546,15 @@ class Job:
                 if event[0] == "disconnect":
                     return None
                 if event[0] == "finish":
-                    return texts, event[1], event[2]
-                texts[event[0]] += event[1]
+                    return pieces, event[1], event[2]
+                pieces.append(event)
         finally:
             watcher.cancel()
             handle.cancel()
 
-    async def stream(self, first_chunk, chunk):
-        """SSE lines: first_chunk (if any), one chunk per text piece (chunk(section, text)), the finish chunk, the
-        usage chunk if asked, then [DONE]. Leaving early (the client disconnected) frees the request's row."""
+    async def stream(self, first_chunk, chunks):
+        """SSE lines: first_chunk (if any), the chunks(event) of each engine event (the pieces, then the finish),
+        the usage chunk if asked, then [DONE]. Leaving early (the client disconnected) frees the request's row."""
         channel = Channel()
         handle = self.submit(channel.sink)
         try:
@@ -377,12 +564,10 @@ class Job:
                 if event[0] == "error":
                     yield sse(APIError(500, event[1], kind="server_error").body())
                     break
-                if event[0] == "finish":
-                    yield sse(chunk(None, None, finish_reason=event[1]))
-                    if self.body.include_usage:
-                        yield sse(self.envelope(self.chunk_object, [], usage=self.usage(event[2])))
-                else:
-                    yield sse(chunk(*event))
+                for chunk in chunks(event):
+                    yield sse(chunk)
+                if event[0] == "finish" and self.body.include_usage:
+                    yield sse(self.envelope(self.chunk_object, [], usage=self.usage(event[2])))
             yield "data: [DONE]\n\n"
         finally:
             handle.cancel()
@@ -413,31 +598,69 @@ class Server:
                                 f"the server", kind="server_error", code="engine_dead")
 
 
-async def chat_completions(server, body, request):
-    messages = chat_messages(body)
-    server.check_engine()
-    # Tokenizing a long prompt takes a while: on a worker thread the event loop goes on serving the others.
-    ids = await asyncio.to_thread(encode_prompt, server.tokenizer, messages)
-    job = Job(server, body, ids, reply_budget(body, len(ids), server.context, "messages"), chat=True)
-    field = {"answer": "content", "reasoning": "reasoning_content"}
+def chat_finish(finish_reason, n_calls):
+    """A reply that ended by itself after making tool calls finishes with "tool_calls", as OpenAI's do."""
+    return "tool_calls" if n_calls and finish_reason == "stop" else finish_reason
 
-    def chunk(section, text, finish_reason=None):
-        delta = {} if section is None else {field[section]: text}
+
+async def chat_job(server, body):
+    """The Job of a chat request: the prompt (tools and the thinking switch rendered by the chat template, a
+    forced call's start appended) and what tool_choice asks of the engine."""
+    messages, tools = chat_messages(body), request_tools(body)
+    mode, name = tool_choice(body, tools)
+    server.check_engine()
+    tokenizer = server.tokenizer
+    # Tokenizing a long prompt takes a while: on a worker thread the event loop goes on serving the others.
+    ids = await asyncio.to_thread(encode_prompt, tokenizer, messages, tools, body.enable_thinking)
+    forced = forced_call(tokenizer, mode, name)
+    ids += forced
+    tool_call, end_call = tokenizer.convert_tokens_to_ids([TOOL_CALL, END_TOOL_CALL])
+    return Job(server, body, ids, reply_budget(body, len(ids), server.context, "messages"), chat=True,
+               more_stops=[end_call] if mode != "none" and not body.parallel_tool_calls else [],  # one call at most
+               banned_ids=[tool_call] if mode == "none" else [],
+               reply_start=thinking_start(tokenizer, body.enable_thinking) + forced)
+
+
+async def chat_completions(server, body, request):
+    job = await chat_job(server, body)
+    field = {"answer": "content", "reasoning": "reasoning_content"}
+    calls = []  # the tool calls streamed so far
+
+    def delta_chunk(delta, finish_reason=None):
         return job.envelope(job.chunk_object,
                             [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
 
+    def chunks(event):
+        """One chunk per text piece; a tool call as OpenAI streams one (its id, type and name with empty arguments,
+        then the arguments); the finish."""
+        if event[0] == "finish":
+            return [delta_chunk({}, chat_finish(event[1], len(calls)))]
+        if event[0] != "tool_call":
+            return [delta_chunk({field[event[0]]: event[1]})]
+        call = openai_tool_calls([event[1]])[0]
+        calls.append(call)
+        head = {"index": len(calls) - 1, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""}}
+        arguments = {"index": len(calls) - 1, "function": {"arguments": call["function"]["arguments"]}}
+        return [delta_chunk({"tool_calls": [head]}), delta_chunk({"tool_calls": [arguments]})]
+
     if body.stream:
-        first = job.envelope(job.chunk_object, [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                        "logprobs": None, "finish_reason": None}])
-        return streaming(job.stream(first, chunk))
+        # No content yet: a reply that turns out to be only tool calls has content null, as with OpenAI.
+        first = delta_chunk({"role": "assistant"})
+        return streaming(job.stream(first, chunks))
     result = await job.collect(request)
     if result is None:
         return Response(status_code=499)  # nobody is listening any more
-    texts, finish_reason, n = result
+    pieces, finish_reason, n = result
+    texts = {section: "".join(text for kind, text in pieces if kind == section) for section in field}
+    tool_calls = openai_tool_calls([call for kind, call in pieces if kind == "tool_call"])
     message = {"role": "assistant", "content": texts["answer"]}
+    if tool_calls:
+        message.update(content=texts["answer"] or None, tool_calls=tool_calls)
     if texts["reasoning"]:
         message["reasoning_content"] = texts["reasoning"]
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "message": message, "logprobs": None,
+              "finish_reason": chat_finish(finish_reason, len(tool_calls))}
     return job.envelope("chat.completion", [choice], usage=job.usage(n))
 
 
@@ -447,17 +670,20 @@ async def completions(server, body, request):
     ids = await asyncio.to_thread(encode_raw, server.tokenizer, text)
     job = Job(server, body, ids, reply_budget(body, len(ids), server.context, "prompt"), chat=False)
 
-    def chunk(section, text, finish_reason=None):
-        return job.envelope(job.chunk_object, [{"index": 0, "text": text or "", "logprobs": None,
+    def chunk(text, finish_reason=None):
+        return job.envelope(job.chunk_object, [{"index": 0, "text": text, "logprobs": None,
                                                  "finish_reason": finish_reason}])
 
+    def chunks(event):
+        return [chunk("", event[1]) if event[0] == "finish" else chunk(event[1])]
+
     if body.stream:
-        return streaming(job.stream(None, chunk))
+        return streaming(job.stream(None, chunks))
     result = await job.collect(request)
     if result is None:
         return Response(status_code=499)
-    texts, finish_reason, n = result
-    return chunk("text", texts["text"], finish_reason) | {"usage": job.usage(n)}
+    pieces, finish_reason, n = result
+    return chunk("".join(text for _, text in pieces), finish_reason) | {"usage": job.usage(n)}
 
 
 def create_app(engine, tokenizer, model_name, api_key=None, max_request_bytes=MAX_REQUEST_BYTES, allowed_hosts=None):

@@ -2,25 +2,33 @@
 
     python demo_data.py --out_dir data/demo --seed 0 --scale 1.0
 
-Writes pretrain / SFT / reasoning / DPO training files and a held-out eval file for each, in seconds, with no
-download. The world: 20 people, each with a home town, a job, a pet, a favourite colour, a favourite food and an
-age, and 10 towns, each famous for one thing. Pretraining text states these facts in varied templates and both
-languages (profiles, town pages, short stories, quizzes) next to small arithmetic, so a `tiny` model trained for
-a few CPU minutes learns real structure. Later stages ask about the same facts with short, formulaic answers, and
-the reasoning data works small word problems by counting one step at a time, so each stage has an automatic metric:
+Writes pretrain / SFT / reasoning / DPO training files and a held-out eval file for each (and one of tool-use
+questions), in seconds, with no download. The world: 20 people, each with a home town, a job, a pet, a favourite
+colour, a favourite food and an age, and 10 towns, each famous for one thing. Pretraining text states these facts in
+varied templates and both languages (profiles, town pages, short stories, quizzes) next to small arithmetic, so a
+`tiny` model trained for a few CPU minutes learns real structure. Later stages ask about the same facts with short,
+formulaic answers, and the reasoning data works small word problems by counting one step at a time (a quarter of
+the training ones answered with thinking off: an empty <think></think>). Some SFT conversations offer two tools,
+lookup(person, attribute) over the world's facts and a calculator (demo_toolbox), call them and answer with what
+they returned, or answer without them when the question does not need them. Each stage has an automatic metric:
 
     score_sft(record, text)        SFT eval: does the reply state the right fact (and no other candidate)?
     score_reasoning(record, text)  reasoning eval: well-formed <think>…</think><answer>…</answer> with the right number?
+    score_direct(record, text)     thinking off: is the reply <answer>…</answer> alone, with the right number?
+    score_tool_call(record, text)  tool eval: does the first call parse, name the right tool, have the right arguments?
+    score_tool_answer(record, final_text, n_calls)   tool eval, calls executed: the right answer, with tool calls
+                                   exactly when the question needs them?
     is_terse(record, text)         is the reply just the bare value, the style the DPO pairs reject?
-    prompt_turns(record)           the turns to feed the model (all but the final, reference assistant turn)
+    prompt_turns(record)           the turns to feed the model (up to the last user message)
 
-Eval records carry the reference in extra keys ("answer", "attribute", "lang"; DPO: "kind"), which the JSONL
-readers ignore. Held-out questions are chosen by a hash of their text, so no eval question appears in any training
-file. Same seed, same bytes.
+Eval records carry the reference in extra keys ("answer", "attribute", "lang"; DPO: "kind"; tool use: "kind" and
+"calls", the expected calls of each round), which the JSONL readers ignore. Held-out questions are chosen by a hash
+of their text, so no eval question appears in any training file. Same seed, same bytes.
 
 Train on it with the shipped tokenizer/: a BPE trained on this templated text learns whole Chinese facts ("X养了一条
 金鱼") as single tokens, which turns fact recall into a vocabulary lookup.
 """
+import functools
 import json
 import os
 import random
@@ -30,6 +38,7 @@ import zlib
 from dataclasses import dataclass
 
 from cli import NONNEG_INT, ArgumentParser, UserError, number, run_main
+from tools import Toolbox, ToolError, calculator, function_schema, parse_tool_call, tool_turns
 
 # ------------------------------------------------------------------------------------------------- the world
 # (English, 中文[, measure word]) pairs. Within one attribute no value is a substring of another, and no value is a
@@ -67,6 +76,9 @@ HELDOUT_PERCENT = 20  # share of question texts reserved for the eval files
 # The SFT model then answers tersely about as often; the DPO pairs prefer the sentence, so DPO has a style to fix
 # that SFT did not settle (the pipeline's "full answers" column).
 TERSE_SHARE = 0.35
+# SFT conversations by kind: facts (some multi-turn), a town's specialty, small sums, small talk, and tool use
+# (TOOL_KINDS below; ~12%: each costs ~450 tokens, ten times a plain one, most of it the tool schemas).
+SFT_KINDS = {"fact": 70, "town": 10, "math": 12, "talk": 8, "tools": 14}
 
 
 @dataclass(frozen=True)
@@ -287,6 +299,88 @@ def problem_think(kind, a, b, c, lang):
     return (" " if lang == "en" else "").join(count_step(x, op, k, lang) for x, op, k in steps)
 
 
+# ------------------------------------------------------------------------------------------------- the tools
+# What `eval_model.py --tools demo` and the pipeline's tool scores run: a lookup over the world's facts (names and
+# values in either language) and a calculator.
+
+LOOKUP = function_schema(
+    "lookup", "Look up one fact about a person in the demo world",
+    {"person": {"type": "string", "description": "the person's name, in English or Chinese"},
+     "attribute": {"type": "string", "enum": list(ATTRIBUTES)}})
+CALCULATOR = function_schema(
+    "calculator", "Compute an arithmetic expression: numbers, + - * / and parentheses",
+    {"expression": {"type": "string"}})
+
+
+def demo_toolbox(seed=0):
+    """The demo tools over the world of `seed` (the pipeline's is 0). lookup answers in the language of the name."""
+    world = DemoGenerator(seed).world
+    people = {name: (p, lang) for p in world.people for name, lang in ((p.en, "en"), (p.zh, "zh"))}
+
+    def lookup(person, attribute):
+        if person.strip() not in people:
+            raise ToolError(f"no person named {person!r} in the demo world")
+        p, lang = people[person.strip()]
+        return value(p, attribute, lang)
+
+    box = Toolbox()
+    box.add(LOOKUP, lookup)
+    box.add(CALCULATOR, calculator)
+    return box
+
+
+TOOLS = [LOOKUP, CALCULATOR]  # what every tool-use record offers (their schemas alone are ~350 tokens)
+# Tool-use conversations by kind: a fact (one lookup); an age in months (a lookup, then the calculator); a sum too
+# large to do in one's head (the calculator); and questions the model answers without tools (small talk, a town, a
+# small sum), so it learns when not to call.
+TOOL_KINDS = {"lookup": 45, "months": 15, "calc": 15, "direct": 25}
+MAX_TOOL_QUESTIONS = 5  # per training conversation; five of the longest kind still fit a context of 1024 tokens
+# The same tools described in one system line instead of the ~350-token schemas (SHORT_TOOLS_SHARE of the
+# training conversations): cheap to train on, and in a short context the model learns to read the question into
+# the call's arguments quickly; the schema form teaches it to do the same behind the schemas.
+TOOLS_IN_WORDS = {
+    "en": "You can call two tools: lookup(person, attribute), where attribute is city, job, pet, color, food or age, "
+          "and calculator(expression).",
+    "zh": "你可以调用两个工具：lookup(person, attribute)，attribute 是 city、job、pet、color、food 或 age；"
+          "以及 calculator(expression)。"}
+SHORT_TOOLS_SHARE = 0.7
+MONTHS_QUESTIONS = {"en": ["How many months old is {n}?", "What is {g} age in months?", "How old is {n} in months?"],
+                    "zh": ["{n}多少个月大了？", "{g}年龄是多少个月？", "{n}出生多少个月了？"]}
+MONTHS_ANSWERS = {"en": "{n} is {r} months old.", "zh": "{n}已经{r}个月大了。"}
+# Share of reasoning records whose reply has an empty think, "<think></think><answer>7</answer>": what the model says
+# when the prompt switches thinking off (enable_thinking=False closes the think block before the reply).
+NO_THINK_SHARE = 0.25
+
+
+class ToolDialogue:
+    """One tool-using conversation as it is built: for each question, the user's message, rounds of calls that the
+    toolbox really runs (so every result in the data is what execution gives), then the final reply."""
+
+    def __init__(self, toolbox):
+        self.toolbox = toolbox
+        self.turns = []
+        self.rounds = []  # the calls of each assistant turn, as {"name", "arguments"}
+
+    def ask(self, question):
+        self.turns.append({"role": "user", "content": question})
+
+    def call(self, *calls):
+        """Run one round of (name, arguments) calls; returns their results (text)."""
+        calls = [{"name": name, "arguments": arguments} for name, arguments in calls]
+        turns = tool_turns(self.toolbox, None, calls)
+        n = sum(map(len, self.rounds))
+        for k, (shaped, result) in enumerate(zip(turns[0]["tool_calls"], turns[1:]), n):
+            shaped["id"] = result["tool_call_id"] = f"call_{k}"  # tool_turns draws random ids; the data is fixed
+            if result["content"].startswith("error:"):
+                raise RuntimeError(f"demo tool call {calls[k - n]} failed: {result['content']}")
+        self.turns += turns
+        self.rounds.append(calls)
+        return [t["content"] for t in turns[1:]]
+
+    def reply(self, content):
+        self.turns.append({"role": "assistant", "content": content})
+
+
 # ------------------------------------------------------------------------------------------------- the generator
 
 class DemoGenerator:
@@ -295,6 +389,10 @@ class DemoGenerator:
     def __init__(self, seed):
         self.seed = seed
         self.world = build_world(random.Random(f"demo-{seed}-world"))
+
+    @functools.cached_property
+    def toolbox(self):
+        return demo_toolbox(self.seed)
 
     def heldout(self, question):
         """True for the ~20% of question texts reserved for eval files (a hash, so train and eval never share)."""
@@ -336,6 +434,16 @@ class DemoGenerator:
             r = a + b if op == "+" else a - b if op == "-" else a * b
             e = f"{a} {op} {b}"
             return rng.choice(MATH_QUESTIONS[lang]).format(e=e), f"{e} = {r}" + ("." if lang == "en" else "。"), r
+        return self.draw(split, make)
+
+    def big_sum_question(self, rng, split, lang):
+        """(question, expression as shown, as the calculator takes it) for a sum of two two-digit numbers, too
+        large to work out by counting: the tool data sends these to the calculator."""
+        def make():
+            op = rng.choice("+-×")
+            a, b = sorted((rng.randint(12, 99), rng.randint(12, 99)), reverse=True)
+            e = f"{a} {op} {b}"
+            return rng.choice(MATH_QUESTIONS[lang]).format(e=e), e, e.replace("×", "*")
         return self.draw(split, make)
 
     def word_problem(self, rng, split, lang=None):
@@ -457,7 +565,9 @@ class DemoGenerator:
         """A training or eval conversation; eval ones end with a held-out fact question and carry the answer."""
         lang = rng.choice(LANGS)
         turns = self.system_turn(rng, lang)
-        kind = "fact" if split == "eval" else rng.choices(["fact", "town", "math", "talk"], [70, 10, 12, 8])[0]
+        kind = "fact" if split == "eval" else rng.choices(list(SFT_KINDS), list(SFT_KINDS.values()))[0]
+        if kind == "tools":
+            return self.tool_conversation(rng, split)
         if kind == "talk":
             q, ans = rng.choice(SMALL_TALK[lang])
             return {"conversations": turns + [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]}
@@ -482,13 +592,78 @@ class DemoGenerator:
         return record
 
     def reasoning_conversation(self, rng, split):
+        """A word problem worked in <think>, or, for NO_THINK_SHARE of the training ones, answered with an empty
+        <think></think> (what the model learns to do when the prompt switches thinking off)."""
         q, think, _, r, lang = self.word_problem(rng, split)
+        if split == "train" and rng.random() < NO_THINK_SHARE:
+            think = ""
         reply = f"<think>{think}</think><answer>{r}</answer>"
         turns = self.system_turn(rng, lang, share=0.2)
         record = {"conversations": turns + [{"role": "user", "content": q}, {"role": "assistant", "content": reply}]}
         if split == "eval":
             record.update(answer=str(r), attribute="number", lang=lang)
         return record
+
+    # ---- tool use
+    def tool_conversation(self, rng, split):
+        """A conversation with TOOLS offered: in training, 1 to MAX_TOOL_QUESTIONS questions in a row, each of a
+        kind drawn from TOOL_KINDS (the schemas take ~350 tokens, so a record with several questions teaches more
+        per token); in eval, one held-out question, and the record carries its answer, its kind and the expected
+        calls of each round ("calls")."""
+        lang = rng.choice(LANGS)
+        dialogue = ToolDialogue(self.toolbox)
+        for _ in range(1 if split == "eval" else rng.randint(1, MAX_TOOL_QUESTIONS)):
+            kind = rng.choices(list(TOOL_KINDS), list(TOOL_KINDS.values()))[0]
+            answer, attribute = getattr(self, f"tool_{kind}")(rng, split, lang, dialogue)
+        if split == "train" and rng.random() < SHORT_TOOLS_SHARE:
+            return {"conversations": [{"role": "system", "content": TOOLS_IN_WORDS[lang]}] + dialogue.turns}
+        record = {"tools": TOOLS, "conversations": dialogue.turns}  # no system prompt: the tools fill the context
+        if split == "eval":
+            record.update(answer=answer, attribute=attribute, lang=lang, kind=kind, calls=dialogue.rounds)
+        return record
+
+    def tool_lookup(self, rng, split, lang, dialogue):
+        """Ask `dialogue` a fact question, answered with one lookup; returns (answer, attribute)."""
+        q, _, p, attr, _ = self.fact_question(rng, split, lang)
+        dialogue.ask(q)
+        v, = dialogue.call(("lookup", {"person": p.name(lang), "attribute": attr}))
+        dialogue.reply(fill(ANSWERS[lang][attr], p, lang, **{**fact_fields(p, attr, lang), "v": v}))
+        return v, attr
+
+    def tool_months(self, rng, split, lang, dialogue):
+        def make():
+            p = rng.choice(self.world.people)
+            return fill(rng.choice(MONTHS_QUESTIONS[lang]), p, lang), p
+        q, p = self.draw(split, make)
+        dialogue.ask(q)
+        age, = dialogue.call(("lookup", {"person": p.name(lang), "attribute": "age"}))
+        months, = dialogue.call(("calculator", {"expression": f"{age} * 12"}))
+        dialogue.reply(fill(MONTHS_ANSWERS[lang], p, lang, r=months))
+        return months, "number"
+
+    def tool_calc(self, rng, split, lang, dialogue):
+        q, shown, expression = self.big_sum_question(rng, split, lang)
+        dialogue.ask(q)
+        r, = dialogue.call(("calculator", {"expression": expression}))
+        dialogue.reply(f"{shown} = {r}" + ("." if lang == "en" else "。"))
+        return r, "number"
+
+    def tool_direct(self, rng, split, lang, dialogue):
+        """A question the model answers without tools: small talk (training only: its few lines cannot be held
+        out), a town's specialty, a small sum."""
+        kind = rng.choices(["talk", "town", "math"], [3 if split == "train" else 0, 4, 3])[0]
+        if kind == "talk":
+            q, ans = rng.choice(SMALL_TALK[lang])
+            answer, attribute = None, None
+        elif kind == "town":
+            q, ans, answer = self.town_question(rng, split, lang)
+            attribute = "specialty"
+        else:
+            q, ans, r = self.math_question(rng, split, lang)
+            answer, attribute = str(r), "number"
+        dialogue.ask(q)
+        dialogue.reply(ans)
+        return answer, attribute
 
     def dpo_pair(self, rng, split):
         """A shared prompt with a correct, well-formed reply (chosen) and a worse one (rejected), and its kind."""
@@ -524,8 +699,10 @@ class DemoGenerator:
 # ------------------------------------------------------------------------------------------------- scoring
 
 def prompt_turns(record):
-    """The turns an eval record gives the model: every turn but the final (reference) assistant one."""
-    return record["conversations"][:-1]
+    """The turns an eval record gives the model: everything up to its last user message (the reference reply, and
+    in tool-use records its calls and their results, come after it)."""
+    turns = record["conversations"]
+    return turns[:max(i for i, t in enumerate(turns) if t["role"] == "user") + 1]
 
 
 def _contains(text, word):
@@ -556,16 +733,22 @@ def is_terse(record, answer_text):
 
 
 _REASONING = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+_DIRECT = re.compile(r"\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def _without_end(text):
+    """The reply without a trailing <|im_end|> or <|endoftext|>."""
+    text = text.strip()
+    for end in ("<|im_end|>", "<|endoftext|>"):
+        text = text.removesuffix(end)
+    return text
 
 
 def parse_reasoning(text):
     """(think, answer) when `text` is exactly <think>…</think><answer>…</answer> (a trailing <|im_end|> or
     <|endoftext|> is allowed), else None. Decode with skip_special_tokens=False: the tags are special tokens."""
-    text = text.strip()
-    for end in ("<|im_end|>", "<|endoftext|>"):
-        text = text.removesuffix(end)
-    match = _REASONING.fullmatch(text)
+    match = _REASONING.fullmatch(_without_end(text))
     if match is None:
         return None
     think, answer = match.group(1).strip(), match.group(2).strip()
@@ -574,20 +757,76 @@ def parse_reasoning(text):
     return think, answer
 
 
+def _is_number(answer_text, expected):
+    numbers = re.findall(r"-?\d+", answer_text)
+    return len(numbers) == 1 and numbers[0] == expected
+
+
 def score_reasoning(record, text):
     """True when `text` is well-formed and its answer holds exactly one integer, the right one."""
     parsed = parse_reasoning(text)
-    if parsed is None:
+    return parsed is not None and _is_number(parsed[1], record["answer"])
+
+
+def score_direct(record, text):
+    """Thinking switched off (the prompt already ends in an empty <think></think>): True when the reply is
+    <answer>…</answer> alone, holding exactly one integer, the right one."""
+    match = _DIRECT.fullmatch(_without_end(text))
+    return match is not None and not any(tag in match.group(1) for tag in _TAGS) and \
+        _is_number(match.group(1), record["answer"])
+
+
+_TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+
+def split_tool_calls(text):
+    """(content, raw calls) of a decoded reply: the text around its <tool_call>…</tool_call> blocks (stripped) and
+    the JSON text inside each, a call the reply ended inside of included (as inference.Reply hands them over)."""
+    text = _without_end(text)
+    return _TOOL_CALL.sub("", text).strip(), _TOOL_CALL.findall(text)
+
+
+def _normalized(name, key, value):
+    """An argument as compared for scoring: text stripped; a calculator expression also without spaces, × as *."""
+    if not isinstance(value, str):
+        return value
+    if name == "calculator" and key == "expression":
+        return re.sub(r"\s+", "", value).replace("×", "*").replace("÷", "/")
+    return value.strip()
+
+
+def same_call(call, expected):
+    """True when a parsed call ({"name", "arguments"}) names the expected tool with the expected arguments."""
+    def norm(c):
+        return {k: _normalized(c["name"], k, v) for k, v in c["arguments"].items()}
+    return call["name"] == expected["name"] and norm(call) == norm(expected)
+
+
+def score_tool_call(record, reply):
+    """The first call of the model's first reply to a record that needs tools, against the record's first expected
+    call: {"parses": it is {"name", "arguments"} JSON, "right_tool": and names the expected tool, "right_args": and
+    has the expected arguments}. All False when the reply makes no call."""
+    raw = split_tool_calls(reply)[1]
+    call = parse_tool_call(raw[0])[0] if raw else None
+    expected = record["calls"][0][0]
+    return {"parses": call is not None, "right_tool": call is not None and call["name"] == expected["name"],
+            "right_args": call is not None and same_call(call, expected)}
+
+
+def score_tool_answer(record, final_reply, n_calls):
+    """End to end, after the calls were executed and their results fed back: True when the final reply states the
+    answer (as score_sft judges) and the model called tools if and only if the record needs them (n_calls: how
+    many calls it made)."""
+    if (n_calls > 0) != bool(record["calls"]):
         return False
-    numbers = re.findall(r"-?\d+", parsed[1])
-    return len(numbers) == 1 and numbers[0] == record["answer"]
+    return score_sft(record, split_tool_calls(final_reply)[0])
 
 
 # ------------------------------------------------------------------------------------------------- files
 
 SIZES = {  # records per file at scale 1.0
-    "pretrain": 9000, "pretrain_eval": 400, "sft": 4000, "sft_eval": 300,
-    "reasoning": 1500, "reasoning_eval": 300, "dpo": 1000, "dpo_eval": 200,
+    "pretrain": 9000, "pretrain_eval": 400, "sft": 4500, "sft_eval": 300,
+    "reasoning": 1500, "reasoning_eval": 300, "dpo": 1000, "dpo_eval": 200, "tools_eval": 200,
 }
 
 
@@ -598,7 +837,8 @@ def _records(gen, name, count):
     make = {"pretrain": lambda: {"text": gen.pretrain_doc(rng)},
             "sft": lambda: gen.sft_conversation(rng, split),
             "reasoning": lambda: gen.reasoning_conversation(rng, split),
-            "dpo": lambda: gen.dpo_pair(rng, split)}[name.removesuffix("_eval")]
+            "dpo": lambda: gen.dpo_pair(rng, split),
+            "tools": lambda: gen.tool_conversation(rng, split)}[name.removesuffix("_eval")]
     return [make() for _ in range(count)]
 
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from checkpoint import check_tokenizer
 from cli import POSITIVE_INT, ArgumentParser, UserError, run_main
 from dataset import DataError, encode_text, load_tokenizer
-from eval_model import (DTYPES, MODES, checkpoint_path, device_flag, encode_prompt, encode_raw, inference_device,
-                        inference_dtype, load_for_inference, split_reasoning, stop_ids)
+from inference import (DTYPES, MODES, checkpoint_path, device_flag, encode_prompt, encode_raw, inference_device,
+                       inference_dtype, load_for_inference, split_reasoning, stop_ids)
 from train_utils import ROOT
 
 LETTERS = "ABCDEFGHIJ"

@@ -4,6 +4,8 @@
     python eval_model.py --model_mode 0 --prompt "Once upon a time"        # raw continuation (pretrained model)
     python eval_model.py --model_mode 2 --prompts_file questions.jsonl --output_format jsonl --temperature 0
     python eval_model.py --model_path results/latest_checkpoint.pth --lora_path results/lora_sft.pth
+    python eval_model.py --model_mode 1 --tools demo                       # the model may call the demo tools
+    python eval_model.py --model_mode 2 --thinking off --prompt "What is 17 + 25?"   # answer without reasoning
 
 --model_mode picks save_dir/{stage}_final.pth: 0 pretrain, 1 SFT, 2 distill (reasoning), 3 DPO; --model_path takes
 any checkpoint instead (a *_final.pth, a latest_checkpoint.pth or a *_final/ safetensors folder). Where there is no
@@ -15,299 +17,50 @@ that reply (the turn is dropped from the history) and returns to the prompt. A r
 apart from its answer: dim on a terminal, "[reasoning] ... [/reasoning]" then "answer: ..." otherwise. Mode 0 is
 plain completion: each line typed at "> " is printed again with its continuation (no turns, no /system).
 
-api_server.py imports the reusable pieces: encode_prompt, trim_history, IncrementalDecoder, split_reasoning,
-Reply, generate_pieces, generate_reply and load_for_inference.
+--thinking on ends the prompt with <think>, so the model reasons before it answers; off ends it with an empty
+<think></think>, so it answers at once; auto leaves it to the model (the chat template's enable_thinking).
+
+--tools demo offers the demo world's tools (demo_data.demo_toolbox: lookup(person, attribute) and
+calculator(expression), over the world of --demo_seed) and runs the calls the model makes: the arguments are checked
+against the tool's schema (a bad call gets an "error: ..." result, which the model sees), the calculator parses
+arithmetic and never calls eval, the results go back to the model in tool turns and it replies again, at most
+--max_tool_rounds times per question. The chat prints each call and its result on lines of their own,
+"[tool call] lookup {...}" and "[tool result] 64" (dim on a terminal), and keeps them in the conversation. A call
+that is not run (it is not valid JSON, the rounds are used up, or no tools are offered) ends the turn: the reply
+stands as text, shown with the reason. With --output_format jsonl each record gains "tool_calls": the calls run, in
+order, as {"name", "arguments", "result"}; the other fields describe the final reply.
+
+A --prompts_file in JSONL may hold "conversations" with earlier tool calls and results (the OpenAI message shape,
+as in SFT data); everything after the last user turn is the reference answer and is left out. A record may carry
+"tools" (OpenAI function schemas, as in demo_data.py's tools_eval.jsonl): with --tools demo that record is offered
+just those tools, each of which must be one of the demo tools; other records get all of them.
+
+The model loading, prompt encoding and reply decoding it uses live in inference.py, shared with the server.
 """
-import argparse
 import dataclasses
-import glob
+import importlib
 import importlib.util
+import itertools
 import json
 import os
-import re
-import shlex
 import sys
-import time
 
 import torch
 
-from checkpoint import LATEST, STAGE_SCRIPTS, check_tokenizer, load_model, read_weights
+from checkpoint import check_tokenizer
 from cli import NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, ArgumentParser, UserError, add_bool_flag, number, run_main
-from dataset import ROLES, DataError, encode_chat, encode_text, load_tokenizer
-from lora import load_lora, merge_lora
+from dataset import DataError, load_tokenizer, tools_problem, turn_problem
+from demo_data import demo_toolbox, split_tool_calls
+from inference import (DTYPES, MODES, PromptTooLong, Reply, checkpoint_path, device_flag, encode_prompt, encode_raw,
+                       generate_pieces, inference_device, inference_dtype, load_for_inference, split_reasoning,
+                       stop_ids, thinking_start, trim_history)
 from model import compile_for_decoding
-from train_tokenizer import SPECIAL_TOKENS
+from tools import Toolbox, parse_tool_call, tool_turns
 from train_utils import ROOT
 
-MODES = {0: "pretrain", 1: "sft", 2: "distill", 3: "dpo"}
-EOS, IM_END = SPECIAL_TOKENS[0], SPECIAL_TOKENS[2]
-THINK, END_THINK, ANSWER, END_ANSWER = SPECIAL_TOKENS[3:7]
-TAG_PATTERN = re.compile(f"({re.escape(THINK)}|{re.escape(END_THINK)}|{re.escape(ANSWER)}|{re.escape(END_ANSWER)})")
 DIM, RESET = "\033[2m", "\033[0m"
-
-
-class PromptTooLong(ValueError):
-    """Even the system prompt and the newest user message alone leave no room for the reply."""
-
-
-# ------------------------------------------------------------------------------------------ prompts and history
-
-def encode_prompt(tokenizer, messages):
-    """Token ids of a conversation up to the assistant's next reply (dataset.encode_chat: content is plain text)."""
-    return encode_chat(tokenizer, messages, add_generation_prompt=True)[0].tolist()
-
-
-def encode_raw(tokenizer, text):
-    """Token ids for a raw continuation: a document boundary, as before every text in the packed pretraining data,
-    then the text itself (as plain text, like the pretraining data)."""
-    return [tokenizer.convert_tokens_to_ids(EOS)] + encode_text(tokenizer, text)
-
-
-def stop_ids(tokenizer, raw):
-    """A raw continuation ends at <|endoftext|>; a chat reply at <|im_end|> (or <|endoftext|>)."""
-    return tokenizer.convert_tokens_to_ids([EOS] if raw else [IM_END, EOS])
-
-
-def split_turns(messages):
-    """(the system message as a list of 0 or 1, turns): each turn is a user message and the replies after it."""
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = []
-    for message in messages[len(system):]:
-        if message["role"] == "user" or not turns:
-            turns.append([message])
-        else:
-            turns[-1].append(message)
-    return system, turns
-
-
-def trim_history(tokenizer, messages, max_prompt_tokens, max_turns=None):
-    """The messages to send: the system prompt and the newest turn always, then as many of the newest past turns
-    as fit in max_prompt_tokens rendered tokens (at most max_turns of them). Raises PromptTooLong if even the
-    system prompt and the newest turn do not fit."""
-    system, turns = split_turns(messages)
-    past, newest = turns[:-1], turns[-1:]
-    if max_turns is not None:
-        past = past[len(past) - max_turns:] if max_turns > 0 else []
-    while True:
-        kept = system + [m for turn in past + newest for m in turn]
-        n_tokens = len(encode_prompt(tokenizer, kept))
-        if n_tokens <= max_prompt_tokens:
-            return kept
-        if not past:
-            raise PromptTooLong(f"the prompt has {n_tokens} tokens but only {max_prompt_tokens} fit "
-                                f"(max_seq_len minus max_new_tokens); shorten it or lower --max_new_tokens")
-        past = past[1:]
-
-
-# ---------------------------------------------------------------------------------------------- decoding replies
-
-class IncrementalDecoder:
-    """Text of a growing token sequence, piece by piece, never cutting a multi-byte character in half.
-
-    A byte-level token can hold part of a UTF-8 character (an emoji spans up to 4 tokens); decoding it alone gives
-    U+FFFD. So a piece is released only when the decoded text does not end in one. Each step decodes a short window
-    (the previous piece's tokens and the new ones) and keeps the part after the previous piece, so the cost does not
-    grow with the length of the reply.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids = []
-        self.prefix = 0  # window start: the tokens of the previous released piece
-        self.read = 0    # tokens up to here are released
-
-    def _decode(self, ids):
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def push(self, token_id):
-        """The new printable text after appending token_id ("" while a character is incomplete)."""
-        self.ids.append(token_id)
-        released = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
-        if text.endswith("\ufffd"):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(released):]
-
-    def flush(self):
-        """Whatever is still held back (an incomplete character at the very end decodes as U+FFFD)."""
-        released = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return text[len(released):]
-
-
-def split_reasoning(text):
-    """(reasoning, answer) of a reply: the text inside <think>…</think> (to the end if unclosed), and everything
-    else without the <answer> tags; both stripped. Reply.push splits a token stream the same way."""
-    parts = {"reasoning": [], "answer": []}
-    section = "answer"
-    for piece in TAG_PATTERN.split(text):
-        if piece in (THINK, END_THINK, ANSWER, END_ANSWER):
-            section = "reasoning" if piece == THINK else "answer"
-        else:
-            parts[section].append(piece)
-    return "".join(parts["reasoning"]).strip(), "".join(parts["answer"]).strip()
-
-
-class Reply:
-    """One reply as it is generated: push() token ids, get ("reasoning" | "answer", text) pieces back.
-
-    Tag tokens (<think>, </think>, <answer>, </answer>) switch the section and are not shown; a stop token ends the
-    reply and is not shown either. Afterwards: text (the whole reply, tags kept), reasoning, answer, token_ids,
-    finish_reason ("stop" or "length") and the timings prefill_s and decode_s.
-    """
-
-    def __init__(self, tokenizer, stop_ids, prompt_tokens):
-        self.tokenizer, self.stop_ids, self.prompt_tokens = tokenizer, set(stop_ids), prompt_tokens
-        self.tags = dict(zip(tokenizer.convert_tokens_to_ids([THINK, END_THINK, ANSWER, END_ANSWER]),
-                             ("reasoning", "answer", "answer", "answer")))
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.section = "answer"
-        self.parts = {"reasoning": [], "answer": []}
-        self.token_ids, self.finish_reason = [], "length"
-        self.prefill_s = self.decode_s = 0.0
-
-    def push(self, token_id):
-        self.token_ids.append(token_id)
-        if token_id in self.stop_ids:
-            self.finish_reason = "stop"
-            return self.flush()
-        if token_id in self.tags:
-            pieces = self.flush()
-            self.section = self.tags[token_id]
-            return pieces
-        return self._emit(self.decoder.push(token_id))
-
-    def flush(self):
-        return self._emit(self.decoder.flush())
-
-    def _emit(self, text):
-        if not text:
-            return []
-        self.parts[self.section].append(text)
-        return [(self.section, text)]
-
-    @property
-    def text(self):
-        ids = self.token_ids[:-1] if self.finish_reason == "stop" else self.token_ids
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    @property
-    def reasoning(self):
-        return "".join(self.parts["reasoning"]).strip()
-
-    @property
-    def answer(self):
-        return "".join(self.parts["answer"]).strip()
-
-    def speed(self):
-        """Prefill: prompt tokens / time to the first new token. Decode: the tokens after it / the time they took."""
-        decoded = len(self.token_ids) - 1
-        return (f"prefill {self.prompt_tokens} tok in {self.prefill_s:.3f}s "
-                f"({self.prompt_tokens / max(self.prefill_s, 1e-9):.0f} tok/s), decode {decoded} tok in "
-                f"{self.decode_s:.3f}s ({decoded / max(self.decode_s, 1e-9):.1f} tok/s)")
-
-
-def generate_pieces(model, reply, prompt_ids, max_new_tokens, sampling, generator=None):
-    """Generate into `reply` (a Reply) token by token, yielding its text pieces as they come."""
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.embed_tokens.weight.device)
-    start = time.perf_counter()
-    tokens = model.generate_stream(input_ids, max_new_tokens, stop_ids=sorted(reply.stop_ids), generator=generator,
-                                   **sampling)
-    for step, token in enumerate(tokens):
-        token_id = token.item()  # waits for the device, so the timings are real
-        if step == 0:
-            reply.prefill_s = time.perf_counter() - start
-        yield from reply.push(token_id)
-    yield from reply.flush()
-    reply.decode_s = time.perf_counter() - start - reply.prefill_s
-
-
-def generate_reply(model, tokenizer, prompt_ids, max_new_tokens, stops, sampling, generator=None):
-    """The whole Reply at once (no streaming)."""
-    reply = Reply(tokenizer, stops, len(prompt_ids))
-    for _ in generate_pieces(model, reply, prompt_ids, max_new_tokens, sampling, generator):
-        pass
-    return reply
-
-
-# ------------------------------------------------------------------------------------------------- model loading
-
-def inference_device(name=None):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
-    return torch.device(name)
-
-
-def inference_dtype(name, device):
-    """float32 on CPU, bfloat16 on GPUs that have it (float16 otherwise), unless --dtype says."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cpu":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def load_for_inference(path, device, dtype=torch.float32, lora_path=None, quantize="none"):
-    """(model, meta) ready to generate: weights from `path`, LoRA adapters merged in, optionally quantised."""
-    model, meta = load_model(path, device)
-    if lora_path:
-        load_lora(model, lora_path)
-        merge_lora(model)
-    model = model.to(dtype)
-    if quantize != "none":
-        from quantize import quantize_model  # only when asked: plain inference needs none of it
-        model = quantize_model(model, quantize)
-    return model.eval(), meta
-
-
-def checkpoint_path(args):
-    """--model_path, or save_dir/{stage}_final.pth for --model_mode; a missing one lists the checkpoints nearby."""
-    if args.model_path:
-        if not os.path.exists(args.model_path):
-            raise UserError(f"--model_path {args.model_path}: no such checkpoint\n" + describe_nearby(args.save_dir))
-        return args.model_path
-    mode = 1 if args.model_mode is None else args.model_mode
-    stage = MODES[mode]
-    path = os.path.join(args.save_dir, f"{stage}_final.pth")
-    if not os.path.exists(path):
-        raise UserError(f"no {stage} checkpoint at {path} (--model_mode {mode} = {stage}); train it with "
-                        f"`python {STAGE_SCRIPTS[stage]} --save_dir {args.save_dir}` or pass --model_path\n"
-                        + describe_nearby(args.save_dir))
-    return path
-
-
-def nearby_checkpoints(save_dir):
-    """The *_final.pth files, *_final/ folders and latest_checkpoint.pth files in save_dir and in its subfolders
-    two levels down (the pipeline writes results/pipeline/checkpoints), sorted."""
-    found = []
-    for depth in range(3):
-        folder = os.path.join(glob.escape(save_dir), *["*"] * depth)
-        found += glob.glob(os.path.join(folder, "*_final.pth")) + glob.glob(os.path.join(folder, LATEST))
-        found += [p for p in glob.glob(os.path.join(folder, "*_final")) if os.path.isdir(p)]
-    return sorted(found)
-
-
-def checkpoint_stage(path):
-    """"sft stage" from the checkpoint's metadata; a file that cannot be read says why instead."""
-    try:
-        stage = read_weights(path)[2].get("stage")
-    except UserError as e:  # one bad file must not hide the others in the list
-        return f"unreadable: {e}"
-    return f"{stage} stage" if stage else "stage not recorded"
-
-
-def describe_nearby(save_dir):
-    """One line per checkpoint under save_dir: its stage and the command that chats with it."""
-    paths = nearby_checkpoints(save_dir)
-    if not paths:
-        return f"no checkpoints in {save_dir} or two folders below it (see --save_dir)"
-    return "\n".join([f"checkpoints under {save_dir}:"] + [
-        f"  {path} ({checkpoint_stage(path)}): python eval_model.py --model_path {shlex.quote(path)}"
-        for path in paths])
+THINKING = {"auto": None, "on": True, "off": False}  # --thinking -> the chat template's enable_thinking
+MAX_TOOL_ROUNDS = 4
 
 
 def warn_ignored_shape(args, config):
@@ -323,7 +76,7 @@ def warn_ignored_shape(args, config):
 
 @dataclasses.dataclass
 class Session:
-    """Everything one reply needs besides the messages."""
+    """Everything one reply needs besides the messages and the tools."""
     model: torch.nn.Module
     tokenizer: object
     raw: bool                 # mode 0: continue text, no chat template
@@ -333,8 +86,10 @@ class Session:
     generator: torch.Generator
     history_turns: "int | None"
     show_speed: bool
+    enable_thinking: "bool | None"  # --thinking on / off / auto
+    max_tool_rounds: int
 
-    def prompt_ids(self, messages):
+    def prompt_ids(self, messages, tools=None):
         """(the messages kept after trimming, their prompt token ids); raw mode continues the last message."""
         budget = self.context - self.max_new_tokens
         if self.raw:
@@ -343,25 +98,40 @@ class Session:
                 raise PromptTooLong(f"the prompt has {len(ids)} tokens but only {budget} fit "
                                     f"(max_seq_len minus max_new_tokens); shorten it or lower --max_new_tokens")
             return messages[-1:], ids
-        kept = trim_history(self.tokenizer, messages, budget, self.history_turns)
-        return kept, encode_prompt(self.tokenizer, kept)
+        kept = trim_history(self.tokenizer, messages, budget, self.history_turns, tools, self.enable_thinking)
+        return kept, encode_prompt(self.tokenizer, kept, tools, self.enable_thinking)
 
-    def pieces(self, reply, prompt_ids):
-        return generate_pieces(self.model, reply, prompt_ids, self.max_new_tokens, self.sampling, self.generator)
-
-    def new_reply(self, prompt_ids):
-        return Reply(self.tokenizer, stop_ids(self.tokenizer, self.raw), len(prompt_ids))
+    def reply(self, prompt_ids, printer=None, stream=True):
+        """Generate one Reply; with a printer its text is printed piece by piece (with stream) or all at once. Tool
+        calls are not printed here: answer_turn shows them once it knows whether they run."""
+        start = [] if self.raw else thinking_start(self.tokenizer, self.enable_thinking)
+        reply = Reply(self.tokenizer, stop_ids(self.tokenizer, self.raw), len(prompt_ids), start)
+        pieces = generate_pieces(self.model, reply, prompt_ids, self.max_new_tokens, self.sampling, self.generator)
+        for section, text in pieces if stream else list(pieces):
+            if printer and section != "tool_call":
+                printer.write(section, text)
+        if self.show_speed:
+            print(f"[{reply.speed()}]", file=sys.stderr)
+        return reply
 
 
 class Printer:
     """Writes reply pieces as they come, the reasoning set apart from the answer even without colours.
 
     Off a terminal: "[reasoning] … [/reasoning]", then "answer: …" on the next line. On a terminal the reasoning
-    is dim and the answer starts on a new line. Either way "…= 7" and "7." cannot run together into "7.7"."""
+    is dim and the answer starts on a new line. Either way "…= 7" and "7." cannot run together into "7.7". Tool
+    calls and results get lines of their own (line()), dim on a terminal like the reasoning. start() writes the
+    label ("assistant> ") before the first reply."""
 
-    def __init__(self, out):
-        self.out, self.tty = out, out.isatty()
+    def __init__(self, out, label=""):
+        self.out, self.tty, self.label = out, out.isatty(), label
         self.section, self.pending, self.written = "answer", "", False
+        self.line_start = True   # nothing written on the current line since the label
+        self.after_line = False  # the last thing written was a line(): end() has no line to finish
+
+    def start(self):
+        self.out.write(self.label)
+        self.out.flush()
 
     def write(self, section, text):
         if section != self.section:
@@ -373,37 +143,83 @@ class Printer:
             body = text.rstrip()
             text, self.pending = (self.pending + body, text[len(body):]) if body else ("", self.pending + text)
         self.written = self.written or bool(text.strip())
-        self.out.write(text)
-        self.out.flush()
+        self._put(text)
+
+    def line(self, text):
+        """A line of its own (a tool call, a tool result), after whatever the reply printed so far."""
+        self._close_reasoning()
+        self._put(("" if self.line_start else "\n") + (f"{DIM}{text}{RESET}\n" if self.tty else text + "\n"))
+        self.section, self.pending, self.written, self.after_line = "answer", "", False, True
 
     def end(self):
-        if self.section == "reasoning":  # cut off while thinking: close the section all the same
-            self.out.write(RESET if self.tty else " [/reasoning]")
+        self._close_reasoning()  # cut off while thinking: close the section all the same
         self.section, self.pending = "answer", ""
-        self.out.write("\n")
-        self.out.flush()
+        if not self.after_line:
+            self._put("\n")
+
+    def _close_reasoning(self):
+        if self.section == "reasoning":
+            self._put(RESET if self.tty else " [/reasoning]")
 
     def _switch(self, section):
         if section == "reasoning":
-            self.out.write(("\n" if self.written else "") + (DIM if self.tty else "[reasoning] "))
+            self._put(("\n" if self.written else "") + (DIM if self.tty else "[reasoning] "))
         else:
-            self.out.write(RESET + "\n" if self.tty else " [/reasoning]\nanswer: ")
+            self._put(RESET + "\n" if self.tty else " [/reasoning]\nanswer: ")
         self.section, self.pending = section, ""
 
+    def _put(self, text):
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.line_start, self.after_line = text.endswith("\n"), False
 
-def print_reply(session, prompt_ids, stream, out=None):
-    """Generate and print one reply to out (default: the current sys.stdout), piece by piece with stream, else all
-    at once; returns the Reply. The printer is closed even when Ctrl-C stops the reply: no terminal is left dim."""
-    reply, printer = session.new_reply(prompt_ids), Printer(out or sys.stdout)
-    pieces = session.pieces(reply, prompt_ids)
+
+def runnable_calls(reply, toolbox, rounds_done, max_rounds):
+    """(the reply's tool calls parsed, None) when they are to run; ([], why not) otherwise: there are none (why:
+    None), no tools are offered, the rounds are used up, or one of them does not parse (then none of them runs)."""
+    if not reply.tool_calls:
+        return [], None
+    if toolbox is None:
+        return [], "no tools are offered (--tools demo offers them)"
+    if rounds_done >= max_rounds:
+        return [], f"--max_tool_rounds {max_rounds} reached"
+    parsed = [parse_tool_call(text) for text in reply.tool_calls]
+    problem = next((why for call, why in parsed if call is None), None)
+    return ([], problem) if problem else ([call for call, _ in parsed], None)
+
+
+def answer_turn(session, messages, toolbox=None, printer=None, stream=True):
+    """Reply to the conversation's last message, running the tool calls of each reply with the toolbox and
+    replying again with their results, until a reply makes no call that runs. Returns (the conversation with the
+    new assistant and tool turns, the final Reply, the calls run as {"name", "arguments", "result"}). A printer
+    shows the replies and, on lines of their own, each call with its result, or a call that did not run with why.
+
+    A prompt that does not fit raises PromptTooLong, before anything is printed if it is the first one."""
+    tools = toolbox.schemas if toolbox else None
+    kept, ids = session.prompt_ids(messages, tools)
+    ran = []
+    if printer:
+        printer.start()
     try:
-        for section, text in pieces if stream else list(pieces):
-            printer.write(section, text)
+        for rounds in itertools.count():
+            reply = session.reply(ids, printer, stream)
+            calls, why = runnable_calls(reply, toolbox, rounds, session.max_tool_rounds)
+            if not calls:
+                if printer:
+                    for text in reply.tool_calls:
+                        printer.line(f"[tool call not run: {why}] {text}")
+                return kept + [{"role": "assistant", "content": reply.text}], reply, ran
+            turns = tool_turns(toolbox, split_tool_calls(reply.text)[0], calls)
+            for call, turn in zip(calls, turns[1:]):
+                ran.append({**call, "result": turn["content"]})
+                if printer:
+                    printer.line(f"[tool call] {call['name']} {json.dumps(call['arguments'], ensure_ascii=False)}")
+                    printer.line(f"[tool result] {turn['content']}")
+            kept, ids = session.prompt_ids(kept + turns, tools)
     finally:
-        printer.end()
-    if session.show_speed:
-        print(f"[{reply.speed()}]", file=sys.stderr)
-    return reply
+        if printer:
+            printer.end()  # also when Ctrl-C stops a reply: no terminal is left dim
 
 
 HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /exit (or "
@@ -422,11 +238,11 @@ def read_line(label):
         return None
 
 
-def chat(session, system_prompt, stream):
+def chat(session, system_prompt, stream, toolbox=None):
     """The interactive loop until /exit, Ctrl-D or Ctrl-C at the prompt: a multi-turn chat, or in raw mode a
     fresh continuation of each line."""
     if importlib.util.find_spec("readline") and sys.stdin.isatty():
-        import readline  # noqa: F401  (importing it gives input() line editing and history)
+        importlib.import_module("readline")  # importing it gives input() line editing and history
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history = list(system)
     print(RAW_HELP if session.raw else HELP, file=sys.stderr)
@@ -437,7 +253,7 @@ def chat(session, system_prompt, stream):
                 return
             system, history = state
         elif line:
-            history = chat_turn(session, history + [{"role": "user", "content": line}], stream)
+            history = chat_turn(session, history + [{"role": "user", "content": line}], stream, toolbox)
 
 
 def chat_command(session, line, system, history):
@@ -458,27 +274,26 @@ def chat_command(session, line, system, history):
     return system, history
 
 
-def chat_turn(session, messages, stream):
-    """Answer the last user message; returns the history to continue with (without this turn when the prompt is
-    too long or Ctrl-C stopped the reply). Raw mode prints the prompt, then its continuation."""
+def chat_turn(session, messages, stream, toolbox=None):
+    """Answer the last user message, tool rounds included; returns the history to continue with (without this
+    turn when a prompt is too long or Ctrl-C stopped a reply). Raw mode prints the prompt, then its continuation."""
+    printer = Printer(sys.stdout, messages[-1]["content"] if session.raw else "assistant> ")
     try:
-        kept, ids = session.prompt_ids(messages)
-        print(messages[-1]["content"] if session.raw else "assistant> ", end="", flush=True)
-        reply = print_reply(session, ids, stream)
+        history, _, _ = answer_turn(session, messages, toolbox, printer, stream)
     except PromptTooLong as e:
         print(f"error: {e}")
         return messages[:-1]
     except KeyboardInterrupt:
         print(INTERRUPTED)
         return messages[:-1]
-    return [] if session.raw else kept + [{"role": "assistant", "content": reply.text}]
+    return [] if session.raw else history
 
 
 # ------------------------------------------------------------------------------------------- non-interactive use
 
 def prompt_problem(record):
-    """Why a JSONL record is not {"prompt": str} or {"conversations": [turns ending with a user turn, optionally
-    followed by its reference answer]}, or None."""
+    """Why a JSONL record is not {"prompt": str} or {"conversations": [turns up to a user turn, optionally
+    followed by its reference answer]}, or None. Turns are checked as in training data (dataset.turn_problem)."""
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
     if "prompt" in record:
@@ -487,24 +302,46 @@ def prompt_problem(record):
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         return "expected a 'prompt' string or a non-empty 'conversations' list"
+    open_calls = 0  # tool calls of the last assistant turn not yet answered by a tool turn
     for i, turn in enumerate(turns):
-        if not (isinstance(turn, dict) and turn.get("role") in ROLES and isinstance(turn.get("content"), str)):
-            return f"turn {i} must be an object with a role ({', '.join(ROLES)}) and a string content"
-        if turn["role"] == "system" and i > 0:
-            return f"turn {i} is a system turn; only the first turn may be one"
-    prompt = conversation_prompt(turns)
-    if not prompt or prompt[-1]["role"] != "user":
-        return "the conversation must end with a user turn (or a user turn and its reference answer)"
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)):
+            return f"turn {i} must be an object with string 'role' and 'content'"
+        problem = turn_problem(turn, i, open_calls)
+        if problem:
+            return problem
+        open_calls = (len(turn.get("tool_calls") or []) if turn["role"] == "assistant" else
+                      open_calls - 1 if turn["role"] == "tool" else 0)
+    if not conversation_prompt(turns):
+        return "the conversation has no user turn to answer"
     return None
 
 
 def conversation_prompt(turns):
-    """The turns to answer: a final assistant turn is the reference answer and is left out."""
-    return turns[:-1] if turns[-1]["role"] == "assistant" else turns
+    """The turns to answer: up to the last user turn. What follows it is the reference answer (with its tool calls
+    and results) and is left out."""
+    last_user = max((i for i, turn in enumerate(turns) if turn["role"] == "user"), default=-1)
+    return turns[:last_user + 1]
 
 
-def parse_prompt_line(path, line_no, line):
-    """(label, messages) of one JSONL prompt line; a bad line raises DataError naming path:line."""
+def offered_tools(toolbox, schemas):
+    """A Toolbox of just the given tools of `toolbox` (a prompts-file record's "tools"), None for none; raises
+    ValueError naming a tool that is not one of toolbox's."""
+    if toolbox is None:
+        raise ValueError("'tools' needs --tools demo (eval_model.py runs the demo tools only)")
+    problem = tools_problem(schemas)
+    if problem:
+        raise ValueError(problem)
+    offered = Toolbox()
+    for k, schema in enumerate(schemas):
+        if schema not in toolbox.schemas:
+            raise ValueError(f"tools[{k}] ({schema['function']['name']!r}) is not one of the --tools demo tools: "
+                             f"{', '.join(toolbox.functions)} as demo_data.py defines them")
+        offered.add(*toolbox.functions[schema["function"]["name"]])
+    return offered if schemas else None
+
+
+def parse_prompt_line(path, line_no, line, toolbox=None):
+    """(label, messages, toolbox) of one JSONL prompt line; a bad line raises DataError naming path:line."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -512,14 +349,19 @@ def parse_prompt_line(path, line_no, line):
     problem = prompt_problem(record)
     if problem:
         raise DataError(f"{path}:{line_no}: {problem}")
+    if "tools" in record:
+        try:
+            toolbox = offered_tools(toolbox, record["tools"])
+        except ValueError as e:
+            raise DataError(f"{path}:{line_no}: {e}") from None
     if "prompt" in record:
-        return record["prompt"], [{"role": "user", "content": record["prompt"]}]
-    return record["conversations"], conversation_prompt(record["conversations"])
+        return record["prompt"], [{"role": "user", "content": record["prompt"]}], toolbox
+    return record["conversations"], conversation_prompt(record["conversations"]), toolbox
 
 
-def read_prompts(path):
-    """[(label, messages)] from a file: JSONL for .jsonl/.json ("prompt" or "conversations" per line), otherwise
-    one prompt per non-blank line."""
+def read_prompts(path, toolbox=None):
+    """[(label, messages, toolbox)] from a file: JSONL for .jsonl/.json ("prompt" or "conversations" per line,
+    optionally "tools"), otherwise one prompt per non-blank line. toolbox: what --tools offers."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: --prompts_file not found")
     jsonl = path.endswith((".jsonl", ".json"))
@@ -529,8 +371,8 @@ def read_prompts(path):
             if not line.strip():
                 continue
             text = line.rstrip("\n")
-            prompts.append(parse_prompt_line(path, line_no, line) if jsonl else
-                           (text, [{"role": "user", "content": text}]))
+            prompts.append(parse_prompt_line(path, line_no, line, toolbox) if jsonl else
+                           (text, [{"role": "user", "content": text}], toolbox))
     if not prompts:
         raise DataError(f"{path}: --prompts_file holds no prompts")
     return prompts
@@ -543,47 +385,27 @@ def with_system(messages, system_prompt):
 
 
 def answer_all(session, prompts, args):
-    """Answer each prompt independently; text (streamed if asked) or one JSON object per line on stdout. Raw mode
-    prints each prompt before its continuation."""
-    for label, messages in prompts:
+    """Answer each prompt independently (tool rounds included); text (streamed if asked) or one JSON object per
+    line on stdout. Raw mode prints each prompt before its continuation."""
+    for label, messages, toolbox in prompts:
         if session.raw and len(messages) > 1:
             raise UserError("--model_mode 0 continues raw text; conversations need a chat model (modes 1-3)")
-        _, ids = session.prompt_ids(with_system(messages, args.system_prompt))
+        messages = with_system(messages, args.system_prompt)
         if args.output_format == "text":
-            if session.raw:
-                print(messages[-1]["content"], end="", flush=True)
-            print_reply(session, ids, args.stream)
+            printer = Printer(sys.stdout, messages[-1]["content"] if session.raw else "")
+            answer_turn(session, messages, toolbox, printer, args.stream)
             continue
-        reply = generate_reply(session.model, session.tokenizer, ids, session.max_new_tokens,
-                               stop_ids(session.tokenizer, session.raw), session.sampling, session.generator)
-        if session.show_speed:
-            print(f"[{reply.speed()}]", file=sys.stderr)
-        print(json.dumps({"prompt": label, "answer": reply.answer, "reasoning": reply.reasoning, "text": reply.text,
-                          "tokens": len(reply.token_ids), "prompt_tokens": reply.prompt_tokens,
-                          "finish_reason": reply.finish_reason}, ensure_ascii=False), flush=True)
+        _, reply, ran = answer_turn(session, messages, toolbox)
+        reasoning, answer = split_reasoning(reply.text)  # a call that did not run is answer text, tags and all
+        record = {"prompt": label, "answer": answer, "reasoning": reasoning, "text": reply.text,
+                  "tokens": len(reply.token_ids), "prompt_tokens": reply.prompt_tokens,
+                  "finish_reason": reply.finish_reason}
+        if args.tools == "demo":
+            record["tool_calls"] = ran
+        print(json.dumps(record, ensure_ascii=False), flush=True)
 
 
 # -------------------------------------------------------------------------------------------------------- the CLI
-
-DTYPES = ["auto", "float32", "bfloat16", "float16"]
-
-
-def device_flag(name):
-    """--device as an argparse type: cpu, cuda, cuda:N or mps, and only one this machine has."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {name!r}") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{name} was asked for but CUDA is not available; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{name} was asked for but MPS is not available; use --device cpu")
-    return name
-
 
 def add_sampling_args(a):
     a("--max_seq_len", type=number(int, low=2), default=None,
@@ -620,10 +442,23 @@ def parse_args(argv=None):
     add_bool_flag(p, "--show_speed", help="print prefill and decode tokens/s after each reply (stderr)")
     a("--prompt", action="append", default=None, help="answer this prompt and exit (repeatable)")
     a("--prompts_file", default=None, help="answer every prompt in this file and exit: one per line, or JSONL "
-      "(.jsonl) with a 'prompt' string or 'conversations' per line")
+      "(.jsonl) with a 'prompt' string or 'conversations' per line, and optionally 'tools' (a subset of the demo "
+      "tools' schemas, offered to that prompt; needs --tools demo)")
     a("--output_format", choices=["text", "jsonl"], default="text",
-      help="jsonl: one object per prompt with prompt, answer, reasoning, text, tokens, finish_reason "
-      "(needs --prompt or --prompts_file)")
+      help="jsonl: one object per prompt with prompt, answer, reasoning, text, tokens, prompt_tokens, finish_reason "
+      "and, with --tools demo, tool_calls (each call run: name, arguments, result) (needs --prompt or "
+      "--prompts_file)")
+    a("--thinking", choices=list(THINKING), default="auto",
+      help="on: the model reasons first (the prompt ends with <think>); off: it answers at once (the prompt ends "
+      "with <think></think>); auto: the model decides (chat models only)")
+    a("--tools", choices=["none", "demo"], default="none",
+      help="demo: offer the demo world's lookup(person, attribute) and calculator(expression) and run the calls "
+      "the model makes (arguments checked, never eval), feeding the results back (chat models only)")
+    a("--max_tool_rounds", type=POSITIVE_INT, default=None,
+      help=f"with --tools demo: at most this many replies with tool calls per question (default: {MAX_TOOL_ROUNDS})")
+    a("--demo_seed", type=NONNEG_INT, default=None,
+      help="with --tools demo: the demo world the tools look facts up in (default: 0, the pipeline's world; "
+      "demo_data.py --seed N made world N)")
     for name in ("--dim", "--n_layers", "--n_heads"):
         a(name, type=POSITIVE_INT, default=None, help="accepted for the seeds' commands; the checkpoint's shape wins")
     args = p.parse_args(argv)
@@ -640,6 +475,9 @@ def check_flags(parser, args):
         parser.error("--output_format jsonl needs --prompt or --prompts_file (the interactive chat prints text)")
     if args.lora_path and not os.path.isfile(args.lora_path):
         parser.error(f"--lora_path {args.lora_path}: no such file (SFT.py --lora_rank writes save_dir/lora_sft.pth)")
+    for flag in ("max_tool_rounds", "demo_seed"):
+        if getattr(args, flag) is not None and args.tools != "demo":
+            parser.error(f"--{flag} applies to the tool loop: add --tools demo")
 
 
 def reply_budget(args, model_context):
@@ -658,8 +496,9 @@ def reply_budget(args, model_context):
 def check_raw_flags(args, raw, path):
     """Chat-only flags make no sense for a raw continuation: refuse them instead of ignoring them."""
     why = "--model_mode 0" if args.model_mode == 0 else f"{path} is a pretrained model"
-    for flag in ("system_prompt", "history_turns"):
-        if raw and getattr(args, flag) is not None:
+    unset = {"system_prompt": None, "history_turns": None, "thinking": "auto", "tools": "none"}
+    for flag, default in unset.items():
+        if raw and getattr(args, flag) != default:
             raise UserError(f"--{flag} needs a chat model: {why} continues raw text (use --model_mode 1-3)")
 
 
@@ -682,16 +521,18 @@ def build_session(args):
     print(f"{path}: {meta.get('stage', 'unrecorded')} stage, {model.config.param_counts()[0]:,} parameters"
           f"{quantized}, context {context}, on {device}" + (" (raw text continuation)" if raw else ""),
           file=sys.stderr)
-    return Session(model, tokenizer, raw, context, max_new, sampling, generator, args.history_turns, args.show_speed)
+    return Session(model, tokenizer, raw, context, max_new, sampling, generator, args.history_turns, args.show_speed,
+                   THINKING[args.thinking], args.max_tool_rounds or MAX_TOOL_ROUNDS)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    prompts = [(p, [{"role": "user", "content": p}]) for p in args.prompt or []]
-    prompts += read_prompts(args.prompts_file) if args.prompts_file else []  # a bad file stops before the load
+    toolbox = demo_toolbox(args.demo_seed or 0) if args.tools == "demo" else None
+    prompts = [(p, [{"role": "user", "content": p}], toolbox) for p in args.prompt or []]
+    prompts += read_prompts(args.prompts_file, toolbox) if args.prompts_file else []  # a bad file stops before the load
     session = build_session(args)
     if not (args.prompt or args.prompts_file):
-        chat(session, args.system_prompt, args.stream)
+        chat(session, args.system_prompt, args.stream, toolbox)
         return
     try:
         answer_all(session, prompts, args)

@@ -1,7 +1,7 @@
 """Inference shared by the scripts that run a trained model: eval_model.py (chat), api_server.py and serving.py
 (the server), eval_bench.py, eval_ppl.py and pipeline.py (scoring).
 
-    from inference import load_for_inference, encode_prompt, generate_reply
+    from inference import load_for_inference, encode_prompt, Reply, generate_pieces
 
 Finding a checkpoint (--model_mode / --model_path, with the nearby ones listed when it is missing), loading it for
 inference (LoRA merged, optionally quantised), prompt encoding (chat template or raw continuation, history trimmed
@@ -58,6 +58,13 @@ def encode_raw(tokenizer, text):
 def stop_ids(tokenizer, raw):
     """A raw continuation ends at <|endoftext|>; a chat reply at <|im_end|> (or <|endoftext|>)."""
     return tokenizer.convert_tokens_to_ids([EOS] if raw else [IM_END, EOS])
+
+
+def thinking_start(tokenizer, enable_thinking):
+    """The ids the generation prompt ends with for enable_thinking: <think> (True), <think></think> (False), none
+    (None); a Reply reads on from them (Reply's start)."""
+    tags = {None: [], True: [THINK], False: [THINK, END_THINK]}[enable_thinking]
+    return tokenizer.convert_tokens_to_ids(tags)
 
 
 def split_turns(messages):
@@ -151,9 +158,13 @@ class Reply:
     once </tool_call> closes it (or the reply ends inside it); tools.parse_tool_call reads it. Afterwards: text
     (the whole reply, tags kept), reasoning, answer, tool_calls (the raw texts), token_ids, finish_reason ("stop"
     or "length") and the timings prefill_s and decode_s.
+
+    start: the ids that end the prompt but belong to the reply (thinking_start: the generation prompt's <think> or
+    <think></think>). The reply reads on from them, so reasoning after a prompt's <think> is reasoning; text starts
+    with them; token_ids holds only the generated ids.
     """
 
-    def __init__(self, tokenizer, stop_ids, prompt_tokens):
+    def __init__(self, tokenizer, stop_ids, prompt_tokens, start=()):
         self.tokenizer, self.stop_ids, self.prompt_tokens = tokenizer, set(stop_ids), prompt_tokens
         self.tags = {tokenizer.convert_tokens_to_ids(tag): section for tag, section in SECTION_AFTER.items()}
         self.decoder = IncrementalDecoder(tokenizer)
@@ -162,6 +173,9 @@ class Reply:
         self.tool_calls = []
         self.token_ids, self.finish_reason = [], "length"
         self.prefill_s = self.decode_s = 0.0
+        for token_id in start:
+            self.push(token_id)
+        self.start, self.token_ids = self.token_ids, []
 
     def push(self, token_id):
         self.token_ids.append(token_id)
@@ -195,7 +209,7 @@ class Reply:
     @property
     def text(self):
         ids = self.token_ids[:-1] if self.finish_reason == "stop" else self.token_ids
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(self.start + ids, skip_special_tokens=False)
 
     @property
     def reasoning(self):
@@ -226,14 +240,6 @@ def generate_pieces(model, reply, prompt_ids, max_new_tokens, sampling, generato
         yield from reply.push(token_id)
     yield from reply.flush()
     reply.decode_s = time.perf_counter() - start - reply.prefill_s
-
-
-def generate_reply(model, tokenizer, prompt_ids, max_new_tokens, stops, sampling, generator=None):
-    """The whole Reply at once (no streaming)."""
-    reply = Reply(tokenizer, stops, len(prompt_ids))
-    for _ in generate_pieces(model, reply, prompt_ids, max_new_tokens, sampling, generator):
-        pass
-    return reply
 
 
 # ------------------------------------------------------------------------------------------------- model loading

@@ -5,8 +5,10 @@ a scoreboard that shows what each stage changed.
     python pipeline.py --data_dir data/real --preset small --out_dir runs/small      # your own data, a real size
 
 --data_dir holds pretrain.jsonl, sft.jsonl, reasoning.jsonl, dpo.jsonl and, optionally, the held-out files
-pretrain_eval.jsonl, sft_eval.jsonl, reasoning_eval.jsonl, dpo_eval.jsonl (the layout demo_data.py writes). Task
-metrics (answer accuracy, reasoning accuracy) need the demo corpus' eval records, which carry their answers.
+pretrain_eval.jsonl, sft_eval.jsonl, reasoning_eval.jsonl, dpo_eval.jsonl, tools_eval.jsonl (the layout
+demo_data.py writes). Task metrics (answer, reasoning and tool-use accuracy) need the demo corpus' eval records,
+which carry their answers; the tool-use questions are answered with the demo tools really executed
+(demo_data.demo_toolbox).
 Running it again redoes every stage (the stages get --overwrite); it ends by printing the commands that chat with,
 serve and export what it trained.
 """
@@ -29,12 +31,15 @@ from checkpoint import load_model, read_weights
 from cli import NONNEG_INT, POSITIVE, POSITIVE_INT, ArgumentParser, UserError, run_main
 from Config import PRESETS
 from dataset import DPODataset, PretrainDataset, SFTDataset, collate_dpo, load_tokenizer, read_jsonl
-from demo_data import generate_demo, is_terse, parse_reasoning, prompt_turns, score_reasoning, score_sft
+from demo_data import (demo_toolbox, generate_demo, is_terse, parse_reasoning, prompt_turns, score_direct,
+                       score_reasoning, score_sft, score_tool_answer, score_tool_call, split_tool_calls)
 from eval_bench import generate_batch
-from eval_model import encode_prompt, stop_ids
+from inference import encode_prompt, stop_ids
+from tools import parse_tool_call, tool_turns
 
 STAGES = ["pretrain", "sft", "distill", "dpo"]
 FILES = ["pretrain", "sft", "reasoning", "dpo"]
+EVAL_ONLY = ["tools"]  # held-out tool-use questions; their training conversations are in sft.jsonl
 
 
 def parse_args(argv=None):
@@ -43,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--demo_scale", type=POSITIVE, default=1.0, help="size of the generated demo corpus")
     p.add_argument("--out_dir", default="results/pipeline", help="data, checkpoints and the scoreboard go here")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size for pretraining")
+    p.add_argument("--max_seq_len", type=POSITIVE_INT, default=1024,
+                   help="the context from SFT on (pretraining keeps the preset's, e.g. 256 for tiny): a tool-use "
+                        "conversation of the demo corpus takes up to ~1000 tokens, the two tool schemas alone ~350")
     p.add_argument("--tokenizer_path", default=os.path.join(tu.ROOT, "tokenizer"), help="tokenizer folder")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--seed", type=NONNEG_INT, default=1337, help="every stage's --seed")
@@ -54,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--dpo_epochs", type=POSITIVE_INT, default=1, help="passes over dpo.jsonl")
     p.add_argument("--batch_size", type=POSITIVE_INT, default=16, help="every stage's --batch_size")
     p.add_argument("--eval_items", type=POSITIVE_INT, default=200, help="held-out questions answered per stage")
+    p.add_argument("--tool_items", type=NONNEG_INT, default=100,
+                   help="held-out tool-use questions answered per stage, tools executed (0: skip)")
     return p.parse_args(argv)
 
 
@@ -62,12 +72,12 @@ def data_files(args):
     if args.data_dir is None:
         return generate_demo(os.path.join(args.out_dir, "data"), seed=0, scale=args.demo_scale)
     paths = {}
-    for name in FILES:
+    for name in FILES + EVAL_ONLY:
         for suffix in ("", "_eval"):
             path = os.path.join(args.data_dir, f"{name}{suffix}.jsonl")
             if os.path.isfile(path):
                 paths[name + suffix] = path
-            elif not suffix:
+            elif not suffix and name in FILES:
                 raise UserError(f"{path} is missing: --data_dir needs {', '.join(f + '.jsonl' for f in FILES)}")
     return paths
 
@@ -95,8 +105,11 @@ def stage_commands(args, files):
     return {
         "pretrain": (pretrain.main, ["--data_path", files["pretrain"], "--preset", args.preset, "--learning_rate",
                                      "3e-3", "--epochs", str(args.pretrain_epochs), *held_out("pretrain"), *save]),
+        # Short windows pretrain best for the tokens; SFT then continues at the longer context (RoPE with
+        # rope_theta 1e6 barely turns its slow dimensions over 1024 positions, so no scaling is needed).
         "sft": (SFT.main, ["--data_path", files["sft"], "--pretrained_path", f"{ckpt}/pretrain_final.pth",
-                           "--learning_rate", "1e-3", "--epochs", str(args.sft_epochs), *held_out("sft"), *save]),
+                           "--max_seq_len", str(args.max_seq_len), "--learning_rate", "1e-3",
+                           "--epochs", str(args.sft_epochs), *held_out("sft"), *save]),
         "distill": (distill.main, ["--data_path", files["reasoning"], *replay(args, files["sft"]),
                                    "--sft_path", f"{ckpt}/sft_final.pth",
                                    "--learning_rate", "2e-3", "--epochs", str(args.distill_epochs),
@@ -126,13 +139,47 @@ def heldout_perplexity(model, data, rt, batch_size, chat):
 
 
 @torch.no_grad()
-def answer(model, tokenizer, conversations, max_new_tokens=64, batch_size=32):
-    """Greedy replies to a list of conversations (special tokens kept in the text)."""
+def answer(model, tokenizer, conversations, max_new_tokens=64, batch_size=32, tools=None, enable_thinking=None):
+    """Greedy replies to a list of conversations (special tokens kept in the text). tools: one list of function
+    schemas (or None) per conversation; enable_thinking: the chat template's thinking switch."""
     stops, replies = stop_ids(tokenizer, raw=False), []
+    tools = tools or [None] * len(conversations)
     for start in range(0, len(conversations), batch_size):
-        prompts = [encode_prompt(tokenizer, c) for c in conversations[start:start + batch_size]]
+        prompts = [encode_prompt(tokenizer, c, t, enable_thinking)
+                   for c, t in zip(conversations[start:start + batch_size], tools[start:start + batch_size])]
         replies += generate_batch(model, tokenizer, prompts, max_new_tokens, stops)
     return replies
+
+
+@torch.no_grad()
+def tool_dialogues(model, tokenizer, records, toolbox, max_new_tokens=48, max_replies=4, min_room=16):
+    """Answer each record's question with its tools offered, executing the calls: generate, run every call of a
+    reply with `toolbox` (tools.tool_turns), feed the results back and generate again, in batches, until a reply
+    makes no call, a call does not parse (the reply then stands as text, as the server returns it), the
+    conversation leaves less than min_room tokens of the context, or max_replies replies were made. Returns (first
+    reply, final reply ("" when it never ended), number of calls made) per record."""
+    conversations = [prompt_turns(r) for r in records]
+    first, final, n_calls = [""] * len(records), [""] * len(records), [0] * len(records)
+    active = list(range(len(records)))
+    for reply_no in range(max_replies):
+        lengths = {i: len(encode_prompt(tokenizer, conversations[i], records[i]["tools"])) for i in active}
+        # shortest first, so a batch's longest prompt (which caps its replies' length) is close to the others
+        active = sorted((i for i in active if lengths[i] <= model.config.max_seq_len - min_room), key=lengths.get)
+        replies = answer(model, tokenizer, [conversations[i] for i in active], max_new_tokens,
+                         tools=[records[i]["tools"] for i in active])
+        still = []
+        for i, reply in zip(active, replies):
+            first[i] = reply if reply_no == 0 else first[i]
+            content, raw = split_tool_calls(reply)
+            calls = [parse_tool_call(text)[0] for text in raw]
+            if not calls or None in calls:
+                final[i] = reply
+                continue
+            conversations[i] = conversations[i] + tool_turns(toolbox, content, calls)
+            n_calls[i] += len(calls)
+            still.append(i)
+        active = still
+    return first, final, n_calls
 
 
 @torch.no_grad()
@@ -151,6 +198,18 @@ def eval_records(path, limit):
     return [r for _, r in read_jsonl(path, "chat")][:limit]
 
 
+def tool_scores(model, tokenizer, records):
+    """The tool-use columns: of the questions that need tools, the share whose first call parses, names the right
+    tool, has the right arguments; of all, the share answered right end to end (score_tool_answer)."""
+    first, final, n_calls = tool_dialogues(model, tokenizer, records, demo_toolbox(seed=0))
+    row = {"tool_acc": float(np.mean([score_tool_answer(r, f, n) for r, f, n in zip(records, final, n_calls)]))}
+    calls = [score_tool_call(r, reply) for r, reply in zip(records, first) if r["calls"]]
+    if calls:
+        row.update({f"tool_{key}": float(np.mean([c[key] for c in calls]))
+                    for key in ("parses", "right_tool", "right_args")})
+    return row
+
+
 def scoreboard(args, files, rt):
     """One row per stage: held-out perplexities and the task metrics each stage targets."""
     tokenizer = load_tokenizer(args.tokenizer_path)
@@ -161,10 +220,12 @@ def scoreboard(args, files, rt):
             for name in FILES if name + "_eval" in files}
     sft_items = eval_records(files["sft_eval"], args.eval_items) if "sft_eval" in files else []
     reasoning_items = eval_records(files["reasoning_eval"], args.eval_items) if "reasoning_eval" in files else []
+    tool_items = eval_records(files["tools_eval"], args.tool_items) if "tools_eval" in files else []
     rows = []
     for k, stage in enumerate(STAGES, 1):
         print(f"evaluating {stage} ({k}/{len(STAGES)}): held-out perplexity, {len(sft_items)} questions, "
-              f"{len(reasoning_items)} word problems", flush=True)
+              f"{len(reasoning_items)} word problems (thinking on and off), {len(tool_items)} tool-use questions",
+              flush=True)
         model, _ = load_model(f"{ckpt}/{stage}_final.pth", rt.device)
         model.eval()
         row = {"stage": stage}
@@ -180,6 +241,11 @@ def scoreboard(args, files, rt):
             replies = answer(model, tokenizer, [prompt_turns(r) for r in reasoning_items], max_new_tokens=128)
             row["think_format"] = float(np.mean([parse_reasoning(a) is not None for a in replies]))
             row["reasoning_acc"] = float(np.mean([score_reasoning(r, a) for r, a in zip(reasoning_items, replies)]))
+            replies = answer(model, tokenizer, [prompt_turns(r) for r in reasoning_items], max_new_tokens=16,
+                             enable_thinking=False)
+            row["no_think_acc"] = float(np.mean([score_direct(r, a) for r, a in zip(reasoning_items, replies)]))
+        if tool_items and "calls" in tool_items[0]:
+            row.update(tool_scores(model, tokenizer, tool_items))
         if "dpo" in held:
             row["pref_acc"] = preference_accuracy(model, held["dpo"], rt, args.batch_size)
         rows.append(row)
@@ -193,7 +259,9 @@ def scoreboard(args, files, rt):
 COLUMNS = [("text_ppl", "held-out text ppl", "{:.2f}"), ("chat_ppl", "held-out answer ppl", "{:.2f}"),
            ("sft_acc", "answer acc", "{:.1%}"), ("full_answers", "full answers", "{:.1%}"),
            ("think_format", "<think> format", "{:.1%}"), ("reasoning_acc", "reasoning acc", "{:.1%}"),
-           ("pref_acc", "prefers chosen", "{:.1%}")]
+           ("no_think_acc", "reasoning acc, thinking off", "{:.1%}"), ("pref_acc", "prefers chosen", "{:.1%}"),
+           ("tool_parses", "call parses", "{:.1%}"), ("tool_right_tool", "right tool", "{:.1%}"),
+           ("tool_right_args", "right arguments", "{:.1%}"), ("tool_acc", "tool answer acc", "{:.1%}")]
 
 
 def format_scoreboard(rows):

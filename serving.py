@@ -9,8 +9,8 @@ How the scheduler works (Engine):
   row's tokens fill its last `cached` slots and the slots before them are left padding, masked out with
   attention_mask. RoPE scores depend only on relative positions, so left padding needs no position shift.
 - One batched forward per decode step feeds every row's last sampled token; every row then samples with its own
-  repetition_penalty, temperature, top_k, top_p, min_p and random stream (a seeded request draws from its own
-  generator, so its output does not depend on which other requests share the batch).
+  repetition_penalty, temperature, top_k, top_p, min_p, banned ids and random stream (a seeded request draws from
+  its own generator, so its output does not depend on which other requests share the batch).
 - The model puts the key of slot s at RoPE position s. When rows have to move (a new prompt longer than the
   batch's `length` shifts the others right; a full cache, or one that is mostly padding, is compacted to the left)
   their keys are rotated by the shift, which is exact because a RoPE rotation by a+b equals rotations by a then b.
@@ -32,8 +32,10 @@ import traceback
 import torch
 from torch.nn.attention import sdpa_kernel
 
-from eval_model import IncrementalDecoder, Reply
+from inference import IncrementalDecoder, Reply
 from model import DECODE_BACKENDS, KVCache, apply_rope, rope_frequencies
+from tools import parse_tool_call
+from train_tokenizer import END_TOOL_CALL, TOOL_CALL
 
 # ------------------------------------------------------------------------------------------------- reply text
 
@@ -95,30 +97,46 @@ class RawReply:
 
 
 class TextOutput:
-    """Token ids in, ("reasoning" | "answer" | "text", piece) out. A chat reply is split by eval_model.Reply into
-    reasoning (inside <think>…</think>) and answer, each section stripped like split_reasoning strips it; a raw
-    continuation is one verbatim "text" section. finish_reason becomes "stop" at a stop id or a stop string."""
+    """Token ids in, ("reasoning" | "answer" | "text", piece) and ("tool_call", call) out. A chat reply is split by
+    inference.Reply into reasoning (inside <think>…</think>), answer and tool calls: each text section stripped like
+    split_reasoning strips it, each tool call read by tools.parse_tool_call into {"name", "arguments"} once it is
+    complete. A call that does not parse is answer text, tags and all ("<tool_call>…</tool_call>"), so the client
+    sees what the model wrote. A raw continuation is one verbatim "text" section. finish_reason becomes "stop" at a
+    stop id or a stop string.
 
-    def __init__(self, tokenizer, stop_ids, stop_strings, chat):
-        self.reply = Reply(tokenizer, stop_ids, 0) if chat else RawReply(tokenizer, stop_ids)
+    reply_start: the ids at the end of the prompt that already belong to the reply (the generation prompt's <think>,
+    the start of a forced tool call), Reply's start: what follows them lands in the right section, and a call's
+    text starts with them."""
+
+    def __init__(self, tokenizer, stop_ids, stop_strings, chat, reply_start=()):
+        self.reply = Reply(tokenizer, stop_ids, 0, reply_start) if chat else RawReply(tokenizer, stop_ids)
         self.sections = collections.defaultdict(lambda: StopText(stop_strings, strip=chat))
         self.finish_reason = None
+        self.end_call = tokenizer.convert_tokens_to_ids(END_TOOL_CALL)
 
     def push(self, token_id):
-        pieces = self._feed(self.reply.push(token_id))
+        pieces = self._feed(self.reply.push(token_id), closed=token_id == self.end_call)
         if self.reply.finish_reason == "stop":
             self.finish_reason = "stop"
         return pieces
 
     def close(self):
         """The last pieces once generation ends (at a stop, or at max_tokens with finish_reason "length")."""
-        pieces = [] if self.finish_reason else self._feed(self.reply.flush())
+        pieces = [] if self.finish_reason else self._feed(self.reply.flush(), closed=False)
         self.finish_reason = self.finish_reason or "length"
         return pieces + [(name, section.finish()) for name, section in self.sections.items()]
 
-    def _feed(self, pieces):
+    def _feed(self, pieces, closed):
+        """Text pieces through their section's StopText; a tool call parsed, or turned into answer text (with its
+        closing tag if `closed`: the reply can also end inside a call)."""
         out = []
         for name, text in pieces:
+            if name == "tool_call":
+                call, _ = parse_tool_call(text)
+                if call is not None:
+                    out.append(("tool_call", call))
+                    continue
+                name, text = "answer", TOOL_CALL + text + (END_TOOL_CALL if closed else "")
             section = self.sections[name]
             out.append((name, section.feed(text)))
             if section.stopped:
@@ -132,7 +150,8 @@ class TextOutput:
 @dataclasses.dataclass(eq=False)  # requests compare by identity
 class Request:
     """One generation. sink(events) is called from the scheduler thread with a list of events: (section, text)
-    pieces, then ("finish", finish_reason, completion_tokens) or ("error", message) as the last one."""
+    pieces and ("tool_call", call) (TextOutput), then ("finish", finish_reason, completion_tokens) or ("error",
+    message) as the last one."""
     prompt_ids: list
     max_tokens: int
     temperature: float
@@ -144,6 +163,7 @@ class Request:
     min_p: float = 0.0              # 0 = off
     repetition_penalty: float = 1.0
     seen: torch.Tensor = None       # (vocab,) bool: prompt and sampled ids, kept only for a repetition penalty
+    banned: tuple = ()              # ids never sampled (tool_choice "none" bans <tool_call>)
     cancelled: bool = False
     generated: int = 0     # tokens sampled so far (the stop token included)
     cached: int = 0        # tokens in this request's cache row
@@ -187,15 +207,16 @@ class Engine:
     # ------------------------------------------------------------------ public, called from the server's threads
 
     def submit(self, prompt_ids, max_tokens, sink, chat=True, stop_ids=(), stop_strings=(), temperature=1.0,
-               top_p=1.0, seed=None, top_k=0, min_p=0.0, repetition_penalty=1.0):
+               top_p=1.0, seed=None, top_k=0, min_p=0.0, repetition_penalty=1.0, banned_ids=(), reply_start=()):
         """Queue a generation; returns its Request (call .cancel() when the client goes away). The caller checks
-        that prompt + max_tokens fits in max_seq_len. If the scheduler thread has died, sink gets the error."""
+        that prompt + max_tokens fits in max_seq_len. If the scheduler thread has died, sink gets the error.
+        banned_ids are never sampled; reply_start: the ids ending prompt_ids that belong to the reply (TextOutput)."""
         if len(prompt_ids) + max_tokens > self.config.max_seq_len or not prompt_ids or max_tokens < 1:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens={max_tokens} must be at least 1 + 1 "
                              f"and fit in max_seq_len={self.config.max_seq_len}")
-        output = TextOutput(self.tokenizer, stop_ids, list(stop_strings), chat)
+        output = TextOutput(self.tokenizer, stop_ids, list(stop_strings), chat, reply_start)
         request = Request(list(prompt_ids), max_tokens, temperature, top_p, random.Random(seed), output, sink,
-                          top_k, min_p, repetition_penalty)
+                          top_k, min_p, repetition_penalty, banned=tuple(banned_ids))
         self.waiting.put(request)
         if self.failure:  # put after the dying thread emptied the queue: nobody else will answer it
             self._fail_waiting()
@@ -371,11 +392,11 @@ class Engine:
 
 def sample(logits, requests):
     """Next token per row of (B, vocab) logits: greedy for temperature 0 or top_p 0, else a draw from the row's
-    distribution() (every row with its own parameters).
+    distribution() (every row with its own parameters). A row's banned ids are never chosen either way.
 
     Each sampled row draws one uniform number from its own random.Random and inverts the cumulative
     distribution, so a seeded request's draws do not depend on the other rows."""
-    logits = penalise(logits.float(), requests)
+    logits = penalise(ban(logits.float(), requests), requests)
     greedy = logits.argmax(dim=-1)
     drawn = [r.temperature > 0 and r.top_p > 0 for r in requests]
     if not any(drawn):
@@ -384,6 +405,15 @@ def sample(logits, requests):
     u = torch.tensor([1.0 - r.rng.random() for r in requests], device=logits.device)  # in (0, 1]
     sampled = (cdf < (u * cdf[:, -1])[:, None]).sum(dim=-1)                            # first cdf >= u·total
     return torch.where(torch.tensor(drawn, device=logits.device), sampled, greedy)
+
+
+def ban(logits, requests):
+    """The logits with each row's banned ids at -inf: out of the argmax and of every sampling distribution."""
+    if not any(r.banned for r in requests):
+        return logits
+    rows = torch.tensor([i for i, r in enumerate(requests) for _ in r.banned], device=logits.device)
+    ids = torch.tensor([t for r in requests for t in r.banned], device=logits.device)
+    return logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))
 
 
 def penalise(logits, requests):

@@ -1,6 +1,8 @@
 """api_server.py and serving.py: a live server on 127.0.0.1 driven by the official `openai` client, raw SSE through
 httpx, continuous batching against model.generate, sampling against model.process_logits, errors, the request
-checks (API key, content type, body size, Host), disconnects, a dead engine, and the chat page in Chromium.
+checks (API key, content type, body size, Host), disconnects, a dead engine, tool calling (round trips with a model
+these tests train to call tools, tool_choice, malformed calls) and the thinking switch, and the chat page in
+Chromium.
 
 The main server is a subprocess started through the CLI (`python api_server.py --model_path ...`); tests that need
 a model they can watch (slowed down, counting forward calls) or a scripted reasoning model run the app in-thread.
@@ -24,13 +26,15 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import ROOT, sharpened_tiny_model
+from conftest import ROOT, sample_sentence, sharpened_tiny_model
 
 import api_server
 import serving
 from checkpoint import save_final
-from eval_model import encode_prompt, encode_raw, split_reasoning
+from dataset import encode_chat, encode_text, render_chat
+from inference import Reply, encode_prompt, encode_raw
 from serving import Engine
+from tools import Toolbox, function_schema, tool_turns
 
 CONTEXT = 128
 SHARPEN = 20
@@ -40,15 +44,15 @@ CHROMIUM = "/usr/bin/chromium"
 
 # ------------------------------------------------------------------------------------------------ models
 
-def tiny_model(vocab_size, seed=0):
-    return sharpened_tiny_model(vocab_size, CONTEXT, seed, SHARPEN)
+def tiny_model(vocab_size, seed=0, context=CONTEXT):
+    return sharpened_tiny_model(vocab_size, context, seed, SHARPEN)
 
 
-def scripted_model(tokenizer, script, first):
+def scripted_model(tokenizer, script, first, context=CONTEXT):
     """A real Transformer whose greedy continuation of `first` is exactly `script`: the blocks' output projections
     are zeroed, so the logits are lm_head(norm(embedding of the last token)), and lm_head row b is the normalised
     embedding of the token before b."""
-    model = tiny_model(len(tokenizer), seed=1)
+    model = tiny_model(len(tokenizer), seed=1, context=context)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -93,12 +97,17 @@ def greedy(model, ids, max_new_tokens, stop_ids, repetition_penalty=1.0):
 
 
 def reference_chat(model, tokenizer, messages, max_tokens, repetition_penalty=1.0):
-    """(content, reasoning, completion_tokens, finish_reason) the server must return for a greedy chat request."""
+    """(content, reasoning, completion_tokens, finish_reason) the server must return for a greedy chat request
+    without tools: model.generate's ids read by inference.Reply (tags hidden, reasoning set apart)."""
     ids = encode_prompt(tokenizer, messages)
     out = greedy(model, ids, max_tokens, stops(tokenizer), repetition_penalty)
-    stopped = out[-1] in stops(tokenizer)
-    reasoning, answer = split_reasoning(tokenizer.decode(out[:-1] if stopped else out, skip_special_tokens=False))
-    return answer, reasoning, len(out), "stop" if stopped else "length"
+    # Without tools the server never samples <tool_call> (tool_choice "none"); model.generate has no such ban.
+    assert tokenizer.convert_tokens_to_ids("<tool_call>") not in out, "this reference needs another prompt"
+    reply = Reply(tokenizer, stops(tokenizer), len(ids))
+    for token_id in out:
+        reply.push(token_id)
+    reply.flush()
+    return reply.answer, reply.reasoning, len(out), reply.finish_reason
 
 
 def reference_raw(model, tokenizer, prompt, max_tokens):
@@ -420,7 +429,6 @@ def test_bad_requests_get_openai_errors(server, tokenizer):
         (chat, json.dumps(ok)[:-1] + ', "repetition_penalty": Infinity}', "finite number", "repetition_penalty"),
         (chat, {**ok, "n": 2}, "not supported", "n"),
         (chat, {**ok, "response_format": {"type": "json_object"}}, "not supported", "response_format"),
-        (chat, {**ok, "tool_choice": "auto"}, "not supported", "tool_choice"),
         (chat, {**ok, "modalities": ["text", "audio"]}, "not supported", "modalities"),
         (chat, {**ok, "reasoning_effort": "low"}, "not supported", "reasoning_effort"),
         (chat, {"messages": user("a") + [{"role": "developer", "content": "b"}]}, "only the first",
@@ -820,13 +828,311 @@ def test_reasoning_content_is_split_out(tokenizer, reasoner):
         assert "".join(d.content or "" for d in deltas) == answer
 
 
+# ------------------------------------------------------------------------------------------------ tool calling
+
+PETS, AGES = {"Anna": "cats", "Bob": "dogs", "Cara": "rabbits"}, {"Anna": 7, "Bob": 9, "Cara": 11}
+PET = function_schema("pet", "The pet of a person", {"person": {"type": "string"}})
+AGE = function_schema("age", "The age of a person", {"person": {"type": "string"}})
+TOOLS = [PET, AGE]
+TOOL_CONTEXT = 384
+
+
+def toolbox():
+    box = Toolbox()
+    box.add(PET, lambda person: PETS[person])
+    box.add(AGE, lambda person: AGES[person])
+    return box
+
+
+def calls(*pairs):
+    return [{"name": name, "arguments": {"person": person}} for name, person in pairs]
+
+
+# (question, content before the calls, the calls, the final answer): the conversations the tool model learns, with
+# the tool results the toolbox gives (tools.tool_turns runs the calls).
+TOOL_CHATS = [("What pet does Anna have?", None, calls(("pet", "Anna")), "Anna has cats."),
+              ("How old is Bob?", "Let me check.", calls(("age", "Bob")), "Bob is 9."),
+              ("Tell me about Cara.", None, calls(("pet", "Cara"), ("age", "Cara")), "Cara is 11 and has rabbits."),
+              ("Hello!", "Hello! Ask me about pets.", [], None)]
+
+
+def tool_conversation(question, content, made, answer):
+    if not made:
+        return user(question) + [{"role": "assistant", "content": content}]
+    return user(question) + tool_turns(toolbox(), content, made) + [{"role": "assistant", "content": answer}]
+
+
+@pytest.fixture(scope="module")
+def tool_tokenizer(tmp_path_factory):
+    """A tokenizer that also learned the tool conversations' text (JSON schemas cost ~1 token a character in the
+    shared test tokenizer), so the tool model trains on short sequences."""
+    from train_tokenizer import build_tokenizer
+    from transformers import AutoTokenizer
+    rng = random.Random(0)
+    chats = [render_chat(tool_conversation(*chat), tools=TOOLS)[0] for chat in TOOL_CHATS]
+    texts = [sample_sentence(rng, rng.randint(5, 30)) for _ in range(1000)] + chats * 30
+    out = tmp_path_factory.mktemp("tool_tokenizer")
+    build_tokenizer(iter(texts), vocab_size=1024).save_pretrained(str(out))
+    return AutoTokenizer.from_pretrained(str(out))
+
+
+def unlearned_turns(model, tokenizer):
+    """The assistant turns of TOOL_CHATS that greedy decoding does not reproduce exactly (to <|im_end|>)."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    wrong = []
+    for chat in map(lambda c: tool_conversation(*c), TOOL_CHATS):
+        for k in [k for k, m in enumerate(chat) if m["role"] == "assistant"]:
+            prompt = encode_prompt(tokenizer, chat[:k], TOOLS)
+            turn = encode_chat(tokenizer, chat[:k + 1], tools=TOOLS)[0].tolist()[len(prompt):-1]  # "\n" cut
+            if greedy(model, prompt, len(turn), [im_end]) != turn:
+                wrong.append(tokenizer.decode(turn, skip_special_tokens=False))
+    return wrong
+
+
+@pytest.fixture(scope="module")
+def tool_model(tool_tokenizer):
+    """A tiny model trained here on TOOL_CHATS (assistant turns only, dataset.encode_chat's mask) until greedy
+    decoding reproduces every turn: it calls the tools, then answers from their results."""
+    from Config import LLMConfig
+    from model import Transformer
+    torch.manual_seed(0)
+    model = Transformer(LLMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=len(tool_tokenizer),
+                                  max_seq_len=TOOL_CONTEXT))
+    encoded = [encode_chat(tool_tokenizer, tool_conversation(*chat), tools=TOOLS) for chat in TOOL_CHATS]
+    width = max(len(ids) for ids, _ in encoded) - 1
+    inputs = torch.zeros(len(encoded), width, dtype=torch.long)
+    targets = torch.full((len(encoded), width), -100)
+    for row, (ids, mask) in enumerate(encoded):
+        ids, mask = torch.as_tensor(ids), torch.as_tensor(mask, dtype=torch.bool)
+        inputs[row, :len(ids) - 1] = ids[:-1]
+        targets[row, :len(ids) - 1] = torch.where(mask[1:], ids[1:], -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small only waits on a second thread (a lot, on a busy machine)
+    try:
+        for step in range(1, 601):
+            loss = model(inputs, targets=targets).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 50 == 0 and not unlearned_turns(model.eval(), tool_tokenizer):
+                return model
+            model.train()
+    finally:
+        torch.set_num_threads(threads)
+    pytest.fail(f"the tool model did not learn its conversations: {unlearned_turns(model.eval(), tool_tokenizer)}")
+
+
+@pytest.fixture(scope="module")
+def tool_client(tool_model, tool_tokenizer):
+    with serve(local_app(tool_model, tool_tokenizer)) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def call_pairs(tool_calls):
+    return [(c.function.name, json.loads(c.function.arguments)) for c in tool_calls or []]
+
+
+def ask(client, messages, stream, **fields):
+    """One chat completion, greedy; streaming through the client's stream helper, which assembles the chunks (tool
+    calls included) into the same ChatCompletion. Returns (completion, the raw chunks or None)."""
+    if not stream:
+        return client.chat.completions.create(model="x", messages=messages, temperature=0, **fields), None
+    with client.chat.completions.stream(model="x", messages=messages, temperature=0, **fields) as events:
+        chunks = [event.chunk for event in events if event.type == "chunk"]
+        return events.get_final_completion(), chunks
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_round_trip_with_the_openai_client(tool_client, stream):
+    """Request with tools -> tool_calls (the client runs them) -> tool results -> the final answer, for one call, a
+    call after some text, and two calls in one reply."""
+    box = toolbox()
+    for question, content, made, answer in TOOL_CHATS[:3]:
+        messages = user(question)
+        first, chunks = ask(tool_client, messages, stream, tools=TOOLS)
+        choice = first.choices[0]
+        assert (choice.finish_reason, choice.message.content) == ("tool_calls", content)
+        assert call_pairs(choice.message.tool_calls) == [(c["name"], c["arguments"]) for c in made]
+        assert all(c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls)
+        if stream:  # as OpenAI streams a call: id, type, name and empty arguments first, then the arguments
+            deltas = [d for chunk in chunks for d in chunk.choices[0].delta.tool_calls or []]
+            assert [(d.index, d.id is not None, d.function.name) for d in deltas] == [
+                (k, first, c["name"] if first else None) for k, c in enumerate(made) for first in (True, False)]
+            assert [d.function.arguments for d in deltas[::2]] == [""] * len(made)
+        messages.append(choice.message)  # the message object as the client got it, tool_calls and all
+        messages += [{"role": "tool", "tool_call_id": c.id, "content": box.call(*call_pair)}
+                     for c, call_pair in zip(choice.message.tool_calls, call_pairs(choice.message.tool_calls))]
+        final, _ = ask(tool_client, messages, stream, tools=TOOLS)
+        assert (final.choices[0].message.content, final.choices[0].finish_reason) == (answer, "stop")
+        assert not final.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_none_required_and_named(tool_client, stream):
+    """none: no call even where the model would make one; required: a call where it would answer; a named
+    function: that one is called (its start is forced, the model writes the arguments); parallel_tool_calls false:
+    the reply ends after its first call."""
+    anna, hello, cara = (user(chat[0]) for chat in (TOOL_CHATS[0], TOOL_CHATS[3], TOOL_CHATS[2]))
+    choice = ask(tool_client, anna, stream, tools=TOOLS, tool_choice="none", max_tokens=40)[0].choices[0]
+    assert not choice.message.tool_calls and choice.finish_reason in ("stop", "length")
+    assert "<tool_call>" not in choice.message.content
+    assert ask(tool_client, hello, stream, tools=TOOLS)[0].choices[0].message.content == TOOL_CHATS[3][1]
+    choice = ask(tool_client, hello, stream, tools=TOOLS, tool_choice="required")[0].choices[0]
+    assert choice.finish_reason == "tool_calls" and len(call_pairs(choice.message.tool_calls)) >= 1
+    named = {"type": "function", "function": {"name": "age"}}
+    choice = ask(tool_client, anna, stream, tools=TOOLS, tool_choice=named)[0].choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert call_pairs(choice.message.tool_calls) == [("age", {"person": "Anna"})]
+    choice = ask(tool_client, cara, stream, tools=TOOLS, parallel_tool_calls=False)[0].choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert call_pairs(choice.message.tool_calls) == [("pet", {"person": "Cara"})]
+
+
+def test_banned_ids_are_never_sampled():
+    """tool_choice "none" bans <tool_call>: a banned id is out of the argmax and of every row's draws."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 2)
+    rows = [serving.Request([1], 1, 0.0, 1.0, random.Random(0), None, None, banned=(0,)),
+            serving.Request([1], 1, 2.0, 1.0, random.Random(1), None, None, banned=(0, 2))]
+    draws = torch.stack([serving.sample(logits, rows) for _ in range(500)])
+    assert (draws[:, 0] == 1).all()
+    assert set(draws[:, 1].tolist()) == {1, 3}
+
+
+def test_malformed_tool_call_comes_back_as_text(tool_tokenizer):
+    """A <tool_call> whose text is not a call is content, tags and all, with finish_reason "stop" (a reply cut
+    inside a call: without the closing tag, "length"); streaming the same."""
+    tokenizer = tool_tokenizer
+    words = list(dict.fromkeys(tokenizer.encode(" rivers run to the sea", add_special_tokens=False)))
+    tool_call, end_call, im_end = tokenizer.convert_tokens_to_ids(["<tool_call>", "</tool_call>", "<|im_end|>"])
+    prompt = encode_prompt(tokenizer, user("hi"), TOOLS)
+    model = scripted_model(tokenizer, [tool_call, words[0], words[1], end_call, im_end], prompt[-1], TOOL_CONTEXT)
+    text = tokenizer.decode(words[:2])
+    with serve(local_app(model, tokenizer, max_batch_size=2)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        for stream in (False, True):
+            choice = ask(client, user("hi"), stream, tools=TOOLS, max_tokens=20)[0].choices[0]
+            assert (choice.message.content, choice.finish_reason) == (f"<tool_call>{text}</tool_call>", "stop")
+            assert not choice.message.tool_calls
+        cut = "<tool_call>" + tokenizer.decode(words[:1])
+        choice = ask(client, user("hi"), False, tools=TOOLS, max_tokens=2)[0].choices[0]
+        assert (choice.message.content, choice.finish_reason) == (cut, "length")
+        chunks = list(client.chat.completions.create(model="x", messages=user("hi"), tools=TOOLS, max_tokens=2,
+                                                     temperature=0, stream=True))  # the helper refuses "length"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == cut
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_tool_messages_reach_the_model_as_the_template_renders_them(tool_tokenizer):
+    """Assistant tool_calls (arguments a JSON string or an object, content null), tool messages (text parts too)
+    and the tools are prefilled exactly as encode_prompt renders them; reasoning_content is dropped. A named
+    tool_choice appends the call's start, tokenized as inside the whole call."""
+    tokenizer = tool_tokenizer
+    watched = Watched(tiny_model(len(tokenizer), context=TOOL_CONTEXT))
+    call = {"id": "call_1", "type": "function", "function": {"name": "pet", "arguments": '{"person": "Anna"}'}}
+    sent = [{"role": "system", "content": "Be brief."}, *user("What pet does Anna have?"),
+            {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "SECRET"},
+            {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "cats"}]},
+            *user("And how old?")]
+    rendered = [*sent[:2], {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "cats"}, sent[4]]
+    as_object = {**call, "function": {"name": "pet", "arguments": {"person": "Anna"}}}
+    named = {"type": "function", "function": {"name": "age"}}
+    with serve(local_app(watched, tokenizer)) as url:
+        for body in ({"messages": sent, "tools": TOOLS},
+                     {"messages": sent[:2] + [{**sent[2], "tool_calls": [as_object]}] + sent[3:], "tools": TOOLS},
+                     {"messages": sent, "tools": TOOLS, "tool_choice": named}):
+            assert post(url, "/v1/chat/completions", {**body, "max_tokens": 1}).status_code == 200
+    expected = encode_prompt(tokenizer, rendered, TOOLS)
+    assert watched.prompts[0] == watched.prompts[1] == expected
+    assert "SECRET" not in tokenizer.decode(expected, skip_special_tokens=False)
+    start = [tokenizer.convert_tokens_to_ids("<tool_call>")] + encode_text(tokenizer, '{"name": "age", "arguments":')
+    assert watched.prompts[2] == expected + start
+    whole = encode_text(tokenizer, '{"name": "age", "arguments": {"person": "Anna"}}')
+    assert whole[:len(start) - 1] == start[1:]
+
+
+def test_enable_thinking_switches_the_prompt_and_the_reply(tokenizer, reasoner):
+    """chat_template_kwargs.enable_thinking true/false prefills exactly encode_prompt(enable_thinking=...)'s ids;
+    with true the model's text up to </think> is reasoning_content (the prompt opened <think>), with false the reply
+    is all content."""
+    model, reasoning, answer = reasoner
+    watched = Watched(model)
+    with serve(local_app(watched, tokenizer)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        for thinking, expected in ((True, (reasoning, answer)), (False, (None, answer)), (None, (reasoning, answer))):
+            kwargs = {} if thinking is None else {"extra_body": {"chat_template_kwargs": {"enable_thinking": thinking}}}
+            for stream in (False, True):
+                message = ask(client, user("why?"), stream, max_tokens=20, **kwargs)[0].choices[0].message
+                assert (getattr(message, "reasoning_content", None), message.content) == expected, thinking
+            assert watched.prompts[-1] == encode_prompt(tokenizer, user("why?"), enable_thinking=thinking)
+    assert len({tuple(p) for p in watched.prompts}) == 3
+
+
+def test_bad_tool_requests_name_the_param(server):
+    chat = "/v1/chat/completions"
+    ok = {"messages": user("hi"), "max_tokens": 2}
+    assistant_call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "pet", "arguments": '{"person": "Anna"}'}}]}
+    answer = {"role": "tool", "tool_call_id": "call_1", "content": "cats"}
+    cases = [
+        ({**ok, "tools": {"pet": PET}}, "valid array", "tools"),
+        ({**ok, "tools": ["pet"]}, "an object", "tools.0"),
+        ({**ok, "tools": [{"type": "function"}]}, "Field required", "tools.0.function"),
+        ({**ok, "tools": [{"type": "retrieval", "function": {"name": "pet"}}]}, "'function'", "tools.0.type"),
+        ({**ok, "tools": [{"type": "function", "function": {"name": "pet lookup"}}]}, "pattern",
+         "tools.0.function.name"),
+        ({**ok, "tools": [{**PET, "function": {**PET["function"], "parameters": "person"}}]}, "valid dictionary",
+         "tools.0.function.parameters"),
+        ({**ok, "tools": [PET, PET]}, "second function named 'pet'", "tools.1.function.name"),
+        ({**ok, "tools": [PET], "tool_choice": "always"}, '"required"', "tool_choice"),
+        ({**ok, "tools": [PET], "tool_choice": {"type": "function", "function": {"name": "age"}}}, "not in tools",
+         "tool_choice"),
+        ({**ok, "tools": [PET], "tool_choice": {"type": "function"}}, "Field required", "tool_choice.function"),
+        ({**ok, "tool_choice": "required"}, "has no tools", "tool_choice"),
+        ({**ok, "tools": [PET], "tool_choice": "required", "chat_template_kwargs": {"enable_thinking": True}},
+         "after reasoning", "tool_choice"),
+        ({**ok, "chat_template_kwargs": {"thinking_budget": 100}}, "not supported",
+         "chat_template_kwargs.thinking_budget"),
+        ({**ok, "chat_template_kwargs": {"enable_thinking": "yes"}}, "valid boolean",
+         "chat_template_kwargs.enable_thinking"),
+        ({**ok, "parallel_tool_calls": "no"}, "valid boolean", "parallel_tool_calls"),
+        ({**ok, "functions": [PET["function"]]}, "not supported", "functions"),
+        ({**ok, "function_call": "auto"}, "not supported", "function_call"),
+        ({"messages": user("hi") + [answer]}, "without an assistant tool call", "messages.1.role"),
+        ({"messages": user("hi") + [assistant_call, {**answer, "tool_call_id": None}]}, "tool_call_id",
+         "messages.2.tool_call_id"),
+        ({"messages": user("hi") + [assistant_call, answer, answer]}, "without an assistant tool call",
+         "messages.3.role"),
+        ({"messages": user("hi") + [{"role": "assistant", "content": None}]}, "content or tool_calls",
+         "messages.1.content"),
+        ({"messages": [{"role": "user", "content": None}]}, "needs content", "messages.0.content"),
+        ({"messages": [{**user("hi")[0], "tool_calls": assistant_call["tool_calls"]}]}, "only assistant",
+         "messages.0.tool_calls"),
+        ({"messages": user("hi") + [{**assistant_call, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "pet", "arguments": "{person"}}]}, answer]},
+         "not valid JSON", "messages.1.tool_calls.0.function.arguments"),
+        ({"messages": user("hi") + [{**assistant_call, "tool_calls": [{"type": "function", "function": {
+            "name": "pet", "arguments": "{}"}}]}, answer]}, "Field required", "messages.1.tool_calls.0.id"),
+        ({"messages": [{"role": "function", "name": "pet", "content": "cats"}]}, "'tool'", "messages.0.role"),
+    ]
+    for body, message_part, param in cases:
+        check_error(post(server, chat, body), 400, message_part, param)
+    neutral = {"tools": [], "tool_choice": "auto", "parallel_tool_calls": False, "chat_template_kwargs": {},
+               "functions": [], "function_call": "none"}
+    reply = post(server, chat, {**ok, **neutral})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
+    reply = post(server, chat, {"messages": user("hi") + [assistant_call, answer], "max_tokens": 2})
+    assert reply.status_code == 200, reply.text  # a conversation with tool turns needs no tools in the request
+
+
 # ------------------------------------------------------------------------------------------------ the page
 
-def test_chat_page_in_chromium(server, client, tokenizer, reasoner):
+def test_chat_page_in_chromium(server, client, tokenizer, reasoner, tool_model, tool_tokenizer):
     """The page shows a reply (greedy, so it must equal the API's) and keeps the conversation across a reload until
-    "New chat", shows reasoning in a collapsible block, replaces a failed message on retry, counts tokens/s from
-    the request, shows text while a (slowed) reply is still streaming, and its Stop button aborts the stream so
-    the server frees the row."""
+    "New chat", shows reasoning in a collapsible block, shows tool calls and takes their results, replaces a failed
+    message on retry, counts tokens/s from the request, shows text while a (slowed) reply is still streaming, and
+    its Stop button aborts the stream so the server frees the row."""
     if not shutil.which(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
@@ -841,6 +1147,7 @@ def test_chat_page_in_chromium(server, client, tokenizer, reasoner):
             check_page_answers(page, server, expected)
             check_page_keeps_the_conversation_until_new_chat(page, expected)
             check_page_shows_reasoning(page, tokenizer, reasoner)
+            check_page_shows_tool_calls_and_results(page, tool_model, tool_tokenizer)
             check_page_retry_and_speed(page, tokenizer)
             check_page_streams_and_stop_frees_the_row(page, tokenizer)
         finally:
@@ -917,6 +1224,40 @@ def check_page_shows_reasoning(page, tokenizer, reasoner):
         thinking = page.locator(".message.assistant details.thinking")
         assert thinking.is_visible() and thinking.get_attribute("open") is None  # folded once the answer came
         assert page.locator(".message.assistant .reasoning").text_content() == reasoning
+        page.select_option("#thinking", "off")  # the prompt closes <think></think>: the model answers at once
+        page.dispatch_event("#thinking", "change")
+        send(page, "why?")
+        page.wait_for_function("document.querySelectorAll('.message.assistant[data-state=done]').length === 2")
+        second = page.locator(".message.assistant").nth(1)
+        assert second.locator(".content").inner_text() == answer and second.locator("details.thinking").is_hidden()
+
+
+def check_page_shows_tool_calls_and_results(page, tool_model, tool_tokenizer):
+    """With tools in Settings, a reply's calls are shown as "tool call: NAME ARGUMENTS"; the messages typed next are
+    their results (tool messages, shown apart), and once both have one the model answers from them, as over the
+    API. The calls and results survive a reload."""
+    question, _, made, answer = TOOL_CHATS[2]  # two calls in one reply
+    with serve(local_app(tool_model, tool_tokenizer)) as url:
+        open_page(page, url, "local-model", {"#temperature": "0", "#max-tokens": "", "#tools": json.dumps(TOOLS)})
+        send(page, question)
+        page.wait_for_selector(".message.assistant[data-state=done]")
+        shown = [f'tool call: {c["name"]} {json.dumps(c["arguments"])}' for c in made]
+        assert page.locator(".message.assistant .tool-call").all_inner_texts() == shown
+        assert "tool result of pet" in page.get_attribute("#input", "placeholder")
+        results = [toolbox().call(c["name"], c["arguments"]) for c in made]
+        send(page, results[0])
+        assert "tool result of age" in page.get_attribute("#input", "placeholder")  # no request yet
+        assert page.locator(".message.assistant").count() == 1
+        send(page, results[1])
+        page.wait_for_function("document.querySelectorAll('.message.assistant[data-state=done]').length === 2")
+        assert page.locator(".message.tool .content").all_inner_texts() == results
+        assert page.locator(".message.tool .label").all_inner_texts() == ["tool result · pet", "tool result · age"]
+        assert page.locator(".message.assistant .content").nth(1).inner_text() == answer
+        page.reload()
+        page.wait_for_selector(".message.assistant[data-state=done]")
+        assert page.locator(".message.assistant .tool-call").all_inner_texts() == shown
+        assert page.locator(".message.tool .content").all_inner_texts() == results
+        page.click("#new-chat")
 
 
 def check_page_streams_and_stop_frees_the_row(page, tokenizer):

@@ -388,7 +388,7 @@ def test_pretraining_on_cpu_says_how_long_it_will_take():
     plan, schedule = argparse.Namespace(per_epoch=2000), argparse.Namespace(steps=2000)
     flops = tu.flops_per_token(config, config.max_seq_len)
     line = pretrain.cpu_estimate(config, args, flops, 250e9, schedule, plan)  # a 2-core CPU's fp32 matmul rate
-    assert line.startswith("on CPU: about 19.7 s per optimizer step, 10h55m per epoch")
+    assert line.startswith("on CPU: about 19.7 s per optimizer step, 10h56m per epoch")
     assert line.endswith("use --preset tiny")
     tiny = get_config("tiny")
     assert pretrain.cpu_estimate(tiny, args, tu.flops_per_token(tiny, 256), 250e9, argparse.Namespace(steps=20),

@@ -5,23 +5,33 @@ import re
 import pytest
 
 import demo_data
-from dataset import record_problem
+from dataset import record_problem, tool_call_text
 from demo_data import (
     ATTRIBUTES,
+    CALCULATOR,
+    LOOKUP,
+    NO_THINK_SHARE,
     PEOPLE,
     TABLES,
     TERSE_SHARE,
     TOWNS,
+    demo_toolbox,
     generate_demo,
     is_terse,
     parse_reasoning,
     prompt_turns,
+    score_direct,
     score_reasoning,
     score_sft,
+    score_tool_answer,
+    score_tool_call,
+    split_tool_calls,
 )
+from tools import parse_tool_call
 
 SCALE = 0.1  # ~10x smaller than the default files; every code path still runs
 REASONING = re.compile(r"<think>[^<]+</think><answer>-?\d+</answer>")
+NO_THINK = re.compile(r"<think></think><answer>-?\d+</answer>")
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
@@ -40,14 +50,15 @@ def train_chat_texts(demo):
     """Every string a model trains on: pretraining text and every turn of every training conversation."""
     texts = [r["text"] for r in read(demo["pretrain"])]
     for name in ("sft", "reasoning"):
-        texts += [t["content"] for r in read(demo[name]) for t in r["conversations"]]
+        texts += [t["content"] or "" for r in read(demo[name]) for t in r["conversations"]]
+        texts += [tool_call_text(c) for r in read(demo[name]) for t in r["conversations"] for c in t.get("tool_calls", [])]
     texts += [t["content"] for r in read(demo["dpo"]) for side in ("chosen", "rejected") for t in r[side]]
     return texts
 
 
 def test_writes_every_file_with_records(demo):
     assert set(demo) == {"pretrain", "pretrain_eval", "sft", "sft_eval", "reasoning", "reasoning_eval", "dpo",
-                         "dpo_eval"}
+                         "dpo_eval", "tools_eval"}
     for name, path in demo.items():
         assert path.endswith(f"{name}.jsonl")
         assert len(read(path)) > 0, name
@@ -64,27 +75,33 @@ def test_same_seed_same_bytes_other_seed_differs(demo, tmp_path):
 
 @pytest.mark.parametrize("name,kind", [("pretrain", "pretrain"), ("pretrain_eval", "pretrain"), ("sft", "chat"),
                                        ("sft_eval", "chat"), ("reasoning", "chat"), ("reasoning_eval", "chat"),
-                                       ("dpo", "dpo"), ("dpo_eval", "dpo")])
+                                       ("dpo", "dpo"), ("dpo_eval", "dpo"), ("tools_eval", "chat")])
 def test_records_are_valid_for_the_pipeline(demo, name, kind):
     for record in read(demo[name]):
         assert record_problem(record, kind) is None, record
 
 
 def test_conversations_end_with_assistant_and_use_known_roles(demo):
-    for name in ("sft", "sft_eval", "reasoning", "reasoning_eval"):
+    for name in ("sft", "sft_eval", "reasoning", "reasoning_eval", "tools_eval"):
         for record in read(demo[name]):
             roles = [t["role"] for t in record["conversations"]]
-            assert roles[-1] == "assistant" and set(roles) <= {"system", "user", "assistant"}
+            assert roles[-1] == "assistant" and set(roles) <= {"system", "user", "assistant", "tool"}
             assert "system" not in roles[1:]
+            assert ("tool" in roles) <= ("tools" in record), "tool turns only where tools are offered"
     sft = [[t["role"] for t in r["conversations"]] for r in read(demo["sft"])]
     assert any(roles[0] == "system" for roles in sft), "some SFT conversations have a system prompt"
     assert any(roles.count("assistant") > 1 for roles in sft), "some SFT conversations are multi-turn"
 
 
-def test_reasoning_answers_are_think_then_answer(demo):
-    for name in ("reasoning", "reasoning_eval"):
-        for record in read(demo[name]):
-            assert REASONING.fullmatch(record["conversations"][-1]["content"]), record
+def test_reasoning_answers_are_think_then_answer_some_with_thinking_off(demo):
+    """Eval references always reason; a NO_THINK_SHARE of training replies close an empty think at once (what
+    the model says when the prompt switches thinking off)."""
+    for record in read(demo["reasoning_eval"]):
+        assert REASONING.fullmatch(record["conversations"][-1]["content"]), record
+    replies = [r["conversations"][-1]["content"] for r in read(demo["reasoning"])]
+    assert all(REASONING.fullmatch(reply) or NO_THINK.fullmatch(reply) for reply in replies)
+    share = sum(bool(NO_THINK.fullmatch(reply)) for reply in replies) / len(replies)
+    assert abs(share - NO_THINK_SHARE) < 0.06, share
 
 
 def test_arithmetic_in_the_data_is_right(demo):
@@ -107,8 +124,9 @@ def test_arithmetic_in_the_data_is_right(demo):
         assert seq == expected, count
     for name in ("reasoning", "reasoning_eval"):
         for record in read(demo[name]):
-            think, answer = parse_reasoning(record["conversations"][-1]["content"])
-            assert re.findall(r"= (\d+)", think)[-1] == answer
+            parsed = parse_reasoning(record["conversations"][-1]["content"])
+            if parsed is not None:  # None: thinking off, nothing worked out
+                assert re.findall(r"= (\d+)", parsed[0])[-1] == parsed[1]
 
 
 def test_dpo_pairs_share_the_prompt_and_differ_at_the_end(demo):
@@ -124,7 +142,7 @@ def test_dpo_pairs_share_the_prompt_and_differ_at_the_end(demo):
 def test_sft_replies_mix_bare_values_and_sentences_and_dpo_prefers_sentences(demo):
     values = {v for rows in TABLES.values() for row in rows for v in row[:2]} | {str(a) for a in range(1, 100)}
     names = [n for p in PEOPLE for n in p[:2]]
-    finals = [r["conversations"][-1]["content"] for r in read(demo["sft"])]
+    finals = [r["conversations"][-1]["content"] for r in read(demo["sft"]) if "tools" not in r]
     bare = [reply for reply in finals if reply in values]
     sentences = [reply for reply in finals if any(n in reply for n in names)]
     assert abs(len(bare) / (len(bare) + len(sentences)) - TERSE_SHARE) < 0.05, (len(bare), len(sentences))
@@ -146,7 +164,7 @@ def test_eval_items_never_appear_in_training_files(demo):
     train_docs = {r["text"] for r in read(demo["pretrain"])}
     assert not train_docs & {r["text"] for r in read(demo["pretrain_eval"])}
     train_texts = train_chat_texts(demo)
-    questions = {r["conversations"][-2]["content"] for name in ("sft_eval", "reasoning_eval")
+    questions = {prompt_turns(r)[-1]["content"] for name in ("sft_eval", "reasoning_eval", "tools_eval")
                  for r in read(demo[name])}
     questions |= {r["chosen"][-2]["content"] for r in read(demo["dpo_eval"])}
     corpus = "\n".join(train_texts)
@@ -216,6 +234,155 @@ def test_prompt_turns_drop_only_the_reference(demo):
     record = read(demo["sft_eval"])[0]
     assert prompt_turns(record) == record["conversations"][:-1]
     assert prompt_turns(record)[-1]["role"] == "user"
+
+
+def tool_records(demo):
+    return [r for name in ("sft", "tools_eval") for r in read(demo[name]) if "tools" in r]
+
+
+def rounds_of_calls(turns):
+    """[[{"name", "arguments"}, ...] per assistant turn that calls tools]."""
+    return [[parse_tool_call(tool_call_text(c))[0] for c in t["tool_calls"]] for t in turns if t.get("tool_calls")]
+
+
+def questions(record):
+    """The conversation cut before each user message: one list of turns per question."""
+    cuts = [i for i, t in enumerate(record["conversations"]) if t["role"] == "user"] + [None]
+    return [record["conversations"][a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def test_tool_conversations_offer_the_demo_tools_and_cover_every_kind(demo):
+    sft = read(demo["sft"])
+    share = sum("tools" in r for r in sft) / len(sft)
+    assert 0.08 < share < 0.2, share
+    for record in tool_records(demo):
+        assert record["tools"] == [LOOKUP, CALCULATOR]
+        assert record["conversations"][0]["role"] == "user"
+    counts = [len(questions(r)) for r in sft if "tools" in r]
+    assert set(counts) == set(range(1, demo_data.MAX_TOOL_QUESTIONS + 1)), "several questions share the schemas"
+    shapes = {tuple(tuple(c["name"] for c in calls) for calls in rounds_of_calls(q))
+              for r in tool_records(demo) for q in questions(r)}
+    # no call (small talk, a town, a small sum), one lookup, the calculator, a lookup and then the calculator
+    assert shapes == {(), (("lookup",),), (("calculator",),), (("lookup",), ("calculator",))}, shapes
+    evals = read(demo["tools_eval"])
+    assert {r["kind"] for r in evals} == {"lookup", "months", "calc", "direct"}
+    assert {r["lang"] for r in evals} == {"en", "zh"}
+
+
+def test_tool_results_in_the_data_are_what_executing_the_calls_returns(demo):
+    """Every tool turn holds the demo toolbox's answer to the call it answers (matched by id), never an error."""
+    toolbox = demo_toolbox(seed=0)
+    checked = 0
+    for record in tool_records(demo):
+        calls = {}
+        for turn in record["conversations"]:
+            for call in turn.get("tool_calls") or []:
+                calls[call["id"]] = parse_tool_call(tool_call_text(call))[0]
+            if turn["role"] == "tool":
+                call = calls.pop(turn["tool_call_id"])
+                assert turn["content"] == toolbox.call(call["name"], call["arguments"]), (call, turn)
+                assert not turn["content"].startswith("error")
+                checked += 1
+        assert not calls, "every call is answered"
+    assert checked > 50
+
+
+def test_tool_answers_use_the_results_in_the_language_of_the_question(demo):
+    zh_names, toolbox = {zh for _, zh, _ in PEOPLE}, demo_toolbox()
+    for turns in (q for record in tool_records(demo) for q in questions(record)):
+        results = [t["content"] for t in turns if t["role"] == "tool"]
+        if results:
+            assert results[-1] in turns[-1]["content"], turns  # the final reply states the last result
+        for calls in rounds_of_calls(turns):
+            for call in calls:
+                if call["name"] == "lookup" and call["arguments"]["person"] in zh_names:
+                    answer = toolbox.call("lookup", call["arguments"])
+                    assert CJK.search(answer) or answer.isdigit(), answer  # Chinese names, Chinese values
+                    assert CJK.search(turns[-1]["content"])
+
+
+def test_tool_eval_records_carry_their_calls_and_score_their_own_reference(demo):
+    for record in read(demo["tools_eval"]):
+        assert record["calls"] == rounds_of_calls(record["conversations"])
+        assert prompt_turns(record)[-1]["role"] == "user" and len(prompt_turns(record)) == 1
+        turns = record["conversations"]
+        n_calls = sum(len(t.get("tool_calls") or []) for t in turns)
+        assert score_tool_answer(record, turns[-1]["content"], n_calls), record
+        if record["calls"]:
+            first = "\n".join(f"<tool_call>{tool_call_text(c)}</tool_call>" for c in turns[1]["tool_calls"])
+            assert score_tool_call(record, first) == {"parses": True, "right_tool": True, "right_args": True}
+            assert not score_tool_answer(record, turns[-1]["content"], 0)  # right answer, but no tool was called
+        else:
+            assert not score_tool_answer(record, turns[-1]["content"], 1)  # a needless call
+
+
+LOOKUP_RECORD = {"calls": [[{"name": "lookup", "arguments": {"person": "Anna", "attribute": "age"}}],
+                           [{"name": "calculator", "arguments": {"expression": "34 * 12"}}]],
+                 "answer": "408", "attribute": "number"}
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ('<tool_call>{"name": "lookup", "arguments": {"person": "Anna", "attribute": "age"}}</tool_call>', (1, 1, 1)),
+    ('<tool_call>{"name": "lookup", "arguments": {"person": " Anna ", "attribute": "age"}}</tool_call>', (1, 1, 1)),
+    ('<tool_call>{"name": "lookup", "arguments": "{\\"person\\": \\"Anna\\", \\"attribute\\": \\"age\\"}"}'
+     '</tool_call>', (1, 1, 1)),  # arguments as a JSON string, as OpenAI writes them
+    ('<tool_call>{"name": "lookup", "arguments": {"person": "Anna", "attribute": "age"}}', (1, 1, 1)),  # no close
+    ('<tool_call>{"name": "lookup", "arguments": {"person": "Anna", "attribute": "age"</tool_call>', (0, 0, 0)),
+    ('<tool_call>lookup(Anna, age)</tool_call>', (0, 0, 0)),
+    ('<tool_call>{"arguments": {"person": "Anna"}}</tool_call>', (0, 0, 0)),
+    ('<tool_call>{"name": "calculator", "arguments": {"expression": "34 * 12"}}</tool_call>', (1, 0, 0)),
+    ('<tool_call>{"name": "lookup", "arguments": {"person": "Ben", "attribute": "age"}}</tool_call>', (1, 1, 0)),
+    ('<tool_call>{"name": "lookup", "arguments": {"person": "Anna"}}</tool_call>', (1, 1, 0)),
+    ('<tool_call>{"name": "lookup", "arguments": {"person": "Anna", "attribute": "age", "x": 1}}</tool_call>',
+     (1, 1, 0)),
+    ("Anna is 34 years old.", (0, 0, 0)),  # no call at all
+    ("", (0, 0, 0)),
+])
+def test_score_tool_call_cases(reply, expected):
+    scores = score_tool_call(LOOKUP_RECORD, reply)
+    assert (scores["parses"], scores["right_tool"], scores["right_args"]) == tuple(map(bool, expected))
+
+
+def test_score_tool_call_compares_calculator_expressions_without_spaces():
+    record = {"calls": [[{"name": "calculator", "arguments": {"expression": "347 * 29"}}]]}
+    for expression, right in [("347 * 29", True), ("347*29", True), ("347 × 29", True), ("347 * 28", False),
+                              ("10063", False)]:
+        reply = f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}</tool_call>'
+        assert score_tool_call(record, reply)["right_args"] is right, expression
+
+
+def test_score_tool_answer_needs_the_answer_and_calls_exactly_when_needed():
+    assert score_tool_answer(LOOKUP_RECORD, "Anna is 408 months old.", 2)
+    assert score_tool_answer(LOOKUP_RECORD, "安娜已经408个月大了。<|im_end|>", 2)
+    assert not score_tool_answer(LOOKUP_RECORD, "Anna is 407 months old.", 2)
+    assert not score_tool_answer(LOOKUP_RECORD, "Anna is 408 months old.", 0)  # guessed, no tool
+    assert not score_tool_answer(LOOKUP_RECORD, "", 2)  # never ended (the loop ran out of rounds)
+    town = {"calls": [], "answer": "silk", "attribute": "specialty"}
+    assert score_tool_answer(town, "Redhill is famous for its silk.", 0)
+    assert not score_tool_answer(town, "Redhill is famous for its silk.", 1)  # a needless call
+    assert not score_tool_answer(town, "Redhill is famous for its tea.", 0)
+    fact = {"calls": [[{"name": "lookup", "arguments": {"person": "Anna", "attribute": "city"}}]],
+            "answer": "Redhill", "attribute": "city"}
+    assert score_tool_answer(fact, "Anna lives in Redhill.", 1)
+    assert not score_tool_answer(fact, "Anna lives in Redhill or Stonebridge.", 1)
+
+
+def test_split_tool_calls():
+    assert split_tool_calls("Anna is 34.") == ("Anna is 34.", [])
+    assert split_tool_calls('Let me check.\n<tool_call>{"a": 1}</tool_call>\n<tool_call>{"b": 2}</tool_call>'
+                            "<|im_end|>") == ("Let me check.", ['{"a": 1}', '{"b": 2}'])
+    assert split_tool_calls('<tool_call>{"a": 1') == ("", ['{"a": 1'])  # the reply ended inside the call
+
+
+def test_score_direct_is_the_bare_answer_after_an_empty_think():
+    record = {"answer": "7"}
+    assert score_direct(record, "<answer>7</answer>")
+    assert score_direct(record, "<answer>7</answer><|im_end|>")
+    assert not score_direct(record, "<answer>8</answer>")
+    assert not score_direct(record, "<answer>7 or 8</answer>")
+    assert not score_direct(record, "7")  # no tags
+    assert not score_direct(record, "Count up 2 from 5: (1) 6, (2) 7.</think><answer>7</answer>")  # it reasoned
+    assert not score_direct(record, "<answer>7</answer><answer>7</answer>")
 
 
 def test_default_sizes_and_speed(tmp_path):

@@ -16,17 +16,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, sample_sentence, sharpened_tiny_model, write_jsonl
+from conftest import ROOT, refused, sample_sentence, sharpened_tiny_model, write_jsonl
 
+import demo_data
 import eval_bench
 import eval_model
 import eval_ppl
+import inference
 import quantize
 from checkpoint import save_final, tokenizer_fingerprint
 from cli import UserError, run_main
 from dataset import DataError, encode_chat, encode_text
 from lora import apply_lora, merge_lora, save_lora
 from model import Transformer
+from tools import function_schema, parse_tool_call
 
 CONTEXT = 128
 SHARPEN = 20
@@ -94,7 +97,7 @@ def test_cli_jsonl_greedy_equals_generate(saved, tokenizer):
         assert row["text"] == reply_text(tokenizer, expected, stops(tokenizer))
         assert row["tokens"] == len(expected) <= 12
         assert row["finish_reason"] == ("stop" if expected[-1] in stops(tokenizer) else "length")
-        assert (row["reasoning"], row["answer"]) == eval_model.split_reasoning(row["text"])
+        assert (row["reasoning"], row["answer"]) == inference.split_reasoning(row["text"])
 
 
 def test_top_p_zero_is_greedy(saved, capsys):
@@ -257,7 +260,7 @@ def test_cli_feeds_typed_markers_as_plain_text(saved, tokenizer, tmp_path, capsy
     path.write_text(INJECTED.replace("\n", " ") + "\n")
     eval_model.main(greedy_args(saved, "--max_new_tokens", "2", "--prompt", INJECTED, "--prompts_file", str(path),
                                 "--system_prompt", "<think>ok</think>"))
-    template = eval_model.encode_prompt(tokenizer, [{"role": "system", "content": "s"},
+    template = inference.encode_prompt(tokenizer, [{"role": "system", "content": "s"},
                                                     {"role": "user", "content": "u"}])
     assert len(seen) == 2 and n_special(tokenizer, template) == 5  # 3 × <|im_start|>, 2 × <|im_end|>
     for ids, typed in zip(seen, [INJECTED, INJECTED.replace("\n", " ")]):
@@ -293,10 +296,259 @@ def test_ctrl_c_stops_the_reply_not_the_chat(saved, tokenizer, capsys, monkeypat
     stopped = tokenizer.decode(encode_text(tokenizer, "partial reply")[:2])
     assert out == (f"assistant> {stopped}\n{eval_model.INTERRUPTED}\nassistant> partial reply\n"
                    f"assistant> partial reply\n\n")
-    assert calls[1] == eval_model.encode_prompt(tokenizer, [{"role": "user", "content": "second question"}])
-    assert calls[2] == eval_model.encode_prompt(tokenizer, [{"role": "user", "content": "second question"},
+    assert calls[1] == inference.encode_prompt(tokenizer, [{"role": "user", "content": "second question"}])
+    assert calls[2] == inference.encode_prompt(tokenizer, [{"role": "user", "content": "second question"},
                                                             {"role": "assistant", "content": "partial reply"},
                                                             {"role": "user", "content": "third"}])
+
+
+# ------------------------------------------------------------------------------------------ tools and thinking
+
+TOOLS_CONTEXT = 2048  # the demo tools' schemas alone are ~730 tokens with the tests' 512-token tokenizer
+
+
+@pytest.fixture(scope="module")
+def saved_tools(tokenizer_dir, tokenizer, tmp_path_factory):
+    """An SFT checkpoint with room for the demo tools' prompt (its replies are scripted by the tests)."""
+    save_dir = tmp_path_factory.mktemp("eval_tools")
+    model = sharpened_tiny_model(len(tokenizer), TOOLS_CONTEXT)
+    save_final(model, model.config, str(save_dir), "sft", tokenizer_dir)
+    return {"dir": str(save_dir), "model": model, "tok_dir": tokenizer_dir}
+
+
+def script_replies(monkeypatch, tokenizer, *replies):
+    """The model says `replies` in turn (text with special tokens; the last one again and again), each up to its
+    stop token, through the real Reply; returns the prompt ids of every reply. A reply "^C" is Ctrl-C."""
+    seen = []
+
+    def scripted(model, reply, prompt_ids, *rest):
+        seen.append(list(prompt_ids))
+        text = replies[min(len(seen), len(replies)) - 1]
+        if text == "^C":
+            raise KeyboardInterrupt
+        for token_id in tokenizer.encode(text, add_special_tokens=False):
+            yield from reply.push(token_id)
+            if reply.finish_reason == "stop":
+                break
+        yield from reply.flush()
+
+    monkeypatch.setattr(eval_model, "generate_pieces", scripted)
+    return seen
+
+
+def typed_lines(monkeypatch, *lines):
+    """The chat reads these lines, then Ctrl-D."""
+    queue = iter(lines)
+
+    def typed(label):
+        line = next(queue, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    monkeypatch.setattr("builtins.input", typed)
+
+
+def call_json(name, **arguments):
+    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+
+
+def call(name, **arguments):
+    """A tool call as the model writes it."""
+    return f"<tool_call>{call_json(name, **arguments)}</tool_call>"
+
+
+def shown(name, **arguments):
+    return f"[tool call] {name} {json.dumps(arguments, ensure_ascii=False)}"
+
+
+def tool_round(box, *calls):
+    """The turns a round of (name, arguments) calls adds: the assistant turn making them, then one tool turn per
+    call with what `box` returns for it."""
+    return [{"role": "assistant", "content": None,
+             "tool_calls": [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]},
+            *[{"role": "tool", "content": box.call(n, a)} for n, a in calls]]
+
+
+def tool_args(saved_tools, *extra):
+    return greedy_args(saved_tools, "--tools", "demo", "--max_new_tokens", "64", *extra)
+
+
+ANNA_AGE = ("lookup", {"person": "Anna", "attribute": "age"})
+
+
+def test_tool_loop_in_chat_runs_calls_and_keeps_them(saved_tools, tokenizer, capsys, monkeypatch):
+    """A reply with a call: the call runs, its result goes back in a tool turn, the model answers; the chat shows
+    the call and the result on lines of their own, and the follow-up question's prompt still holds them."""
+    box = demo_data.demo_toolbox(0)
+    age = box.call(*ANNA_AGE)
+    seen = script_replies(monkeypatch, tokenizer, call("lookup", **ANNA_AGE[1]) + "<|im_end|>",
+                          f"Anna is {age}.<|im_end|>", "She is a person.<|im_end|>")
+    typed_lines(monkeypatch, "How old is Anna?", "And her job?")
+    eval_model.main(tool_args(saved_tools))
+    out = capsys.readouterr().out
+    assert out == (f"assistant> {shown('lookup', **ANNA_AGE[1])}\n[tool result] {age}\nAnna is {age}.\n"
+                   f"assistant> She is a person.\n\n")
+    first = [{"role": "user", "content": "How old is Anna?"}]
+    done = first + tool_round(box, ANNA_AGE)
+    assert seen[0] == inference.encode_prompt(tokenizer, first, tools=box.schemas)
+    assert seen[1] == inference.encode_prompt(tokenizer, done, tools=box.schemas)
+    assert f"<|im_start|>tool\n<tool_response>{age}</tool_response><|im_end|>" in tokenizer.decode(seen[1])
+    follow_up = done + [{"role": "assistant", "content": f"Anna is {age}."},
+                        {"role": "user", "content": "And her job?"}]
+    assert seen[2] == inference.encode_prompt(tokenizer, follow_up, tools=box.schemas)
+
+
+def test_tool_loop_jsonl_lists_the_calls_of_the_demo_seed_world(saved_tools, tokenizer, capsys, monkeypatch):
+    """Two calls in one reply, one in the next, then the answer: tool_calls holds all three in order, with the
+    results of the --demo_seed world (here 1, whose facts differ from the pipeline's world 0)."""
+    box, world_0 = demo_data.demo_toolbox(1), demo_data.demo_toolbox(0)
+    person = next(p for p in demo_data.DemoGenerator(1).world.people
+                  if box.call("lookup", {"person": p.en, "attribute": "city"}) !=
+                  world_0.call("lookup", {"person": p.en, "attribute": "city"})).en
+    calls = [("lookup", {"person": person, "attribute": "city"}), ("lookup", {"person": person, "attribute": "age"}),
+             ("calculator", {"expression": f"{box.call('lookup', {'person': person, 'attribute': 'age'})} * 12"})]
+    seen = script_replies(monkeypatch, tokenizer, call(calls[0][0], **calls[0][1]) + "\n" +
+                          call(calls[1][0], **calls[1][1]) + "<|im_end|>", call(calls[2][0], **calls[2][1]) +
+                          "<|im_end|>", "Done.<|im_end|>")
+    eval_model.main(tool_args(saved_tools, "--demo_seed", "1", "--output_format", "jsonl", "--prompt", "Tell me."))
+    row = json.loads(capsys.readouterr().out)
+    assert row["tool_calls"] == [{"name": n, "arguments": a, "result": box.call(n, a)} for n, a in calls]
+    assert row["tool_calls"][0]["result"] != world_0.call(*calls[0])
+    assert (row["answer"], row["text"], row["finish_reason"]) == ("Done.", "Done.", "stop")
+    assert row["prompt_tokens"] == len(seen[2]) and len(seen) == 3
+    conversation = [{"role": "user", "content": "Tell me."}] + tool_round(box, *calls[:2]) + tool_round(box, calls[2])
+    assert seen[2] == inference.encode_prompt(tokenizer, conversation, tools=box.schemas)
+
+
+def test_max_tool_rounds_stops_a_model_that_calls_forever(saved_tools, tokenizer, capsys, monkeypatch):
+    age = demo_data.demo_toolbox().call(*ANNA_AGE)
+    seen = script_replies(monkeypatch, tokenizer, call("lookup", **ANNA_AGE[1]) + "<|im_end|>")
+    eval_model.main(tool_args(saved_tools, "--max_tool_rounds", "2", "--output_format", "jsonl", "--prompt", "Age?"))
+    row = json.loads(capsys.readouterr().out)
+    assert len(seen) == 3 and row["tool_calls"] == [{"name": "lookup", "arguments": ANNA_AGE[1], "result": age}] * 2
+    assert row["answer"] == call("lookup", **ANNA_AGE[1])  # the call that did not run stands as text
+    eval_model.main(tool_args(saved_tools, "--max_tool_rounds", "1", "--prompt", "Age?"))
+    assert len(seen) == 5 and capsys.readouterr().out.splitlines() == [
+        shown("lookup", **ANNA_AGE[1]), f"[tool result] {age}",
+        f"[tool call not run: --max_tool_rounds 1 reached] {call_json('lookup', **ANNA_AGE[1])}"]
+
+
+@pytest.mark.parametrize("offered", ["demo", "none"])
+def test_a_call_that_cannot_run_ends_the_loop_as_text(offered, saved_tools, tokenizer, capsys, monkeypatch):
+    """Malformed JSON with --tools demo, or any call without tools: no tool turn, no second reply; the chat shows
+    the call's text and why it did not run; jsonl has it in the answer, tags and all, and no calls run."""
+    broken = '{"name": "lookup", "arguments": {"person": "Anna" "age"}}'
+    text = f"Let me see.\n<tool_call>{broken}</tool_call>"
+    seen = script_replies(monkeypatch, tokenizer, text + "<|im_end|>")
+    flags = ["--tools", offered, "--max_new_tokens", "64"]
+    eval_model.main(greedy_args(saved_tools, *flags, "--prompt", "Age?"))
+    why = parse_tool_call(broken)[1] if offered == "demo" else "no tools are offered (--tools demo offers them)"
+    assert capsys.readouterr().out == f"Let me see.\n[tool call not run: {why}] {broken}\n"
+    eval_model.main(greedy_args(saved_tools, *flags, "--output_format", "jsonl", "--prompt", "Age?"))
+    row = json.loads(capsys.readouterr().out)
+    assert len(seen) == 2 and (row["answer"], row["text"]) == (text, text)
+    assert row.get("tool_calls") == ([] if offered == "demo" else None)
+
+
+def test_bad_arguments_give_an_error_result_the_model_sees(saved_tools, tokenizer, capsys, monkeypatch):
+    """No such person, a value outside the schema's enum, code for the calculator: each call gets an "error: ..."
+    result in its tool turn (the calculator never evaluates code), and the loop goes on."""
+    calls = [("lookup", {"person": "Nobody", "attribute": "age"}),
+             ("lookup", {"person": "Anna", "attribute": "salary"}),
+             ("calculator", {"expression": "__import__('os').getcwd()"}), ("lookup", {"person": "Anna"})]
+    seen = script_replies(monkeypatch, tokenizer, "\n".join(call(n, **a) for n, a in calls) + "<|im_end|>",
+                          "I could not find out.<|im_end|>")
+    eval_model.main(tool_args(saved_tools, "--output_format", "jsonl", "--prompt", "Age?"))
+    results = [c["result"] for c in json.loads(capsys.readouterr().out)["tool_calls"]]
+    assert results == ["error: no person named 'Nobody' in the demo world",
+                       "error: argument 'attribute' must be one of city, job, pet, color, food, age, got 'salary'",
+                       "error: only numbers, + - * / // % and parentheses are allowed",
+                       "error: missing argument 'attribute'"]
+    prompt = tokenizer.decode(seen[1])
+    assert all(f"<tool_response>{r}</tool_response>" in prompt for r in results)
+
+
+def test_ctrl_c_during_a_tool_round_drops_the_turn(saved_tools, tokenizer, capsys, monkeypatch):
+    box = demo_data.demo_toolbox()
+    seen = script_replies(monkeypatch, tokenizer, call("lookup", **ANNA_AGE[1]) + "<|im_end|>", "^C",
+                          "Hello.<|im_end|>")
+    typed_lines(monkeypatch, "How old is Anna?", "Hi")
+    eval_model.main(tool_args(saved_tools))
+    out = capsys.readouterr().out
+    assert out == (f"assistant> {shown('lookup', **ANNA_AGE[1])}\n[tool result] {box.call(*ANNA_AGE)}\n"
+                   f"{eval_model.INTERRUPTED}\nassistant> Hello.\n\n")
+    assert seen[2] == inference.encode_prompt(tokenizer, [{"role": "user", "content": "Hi"}], tools=box.schemas)
+
+
+@pytest.mark.parametrize("thinking, enable, tail", [("on", True, ["<think>"]), ("off", False, ["<think>", "</think>"]),
+                                                    ("auto", None, [])])
+def test_thinking_switch_sets_the_prompt_end(thinking, enable, tail, saved, tokenizer, capsys, monkeypatch):
+    """--thinking gives exactly encode_prompt(enable_thinking=...)'s ids, the plain prompt then <think> (on) or
+    <think></think> (off), in batch and chat; the reply is the model's greedy continuation, read on from the tags."""
+    seen = spy_prompts(monkeypatch)
+    messages = [{"role": "user", "content": "cats"}]
+    eval_model.main(greedy_args(saved, "--thinking", thinking, "--max_new_tokens", "8", "--output_format", "jsonl",
+                                "--prompt", "cats"))
+    row = json.loads(capsys.readouterr().out)
+    ids = inference.encode_prompt(tokenizer, messages, enable_thinking=enable)
+    assert seen[0] == ids == inference.encode_prompt(tokenizer, messages) + tokenizer.convert_tokens_to_ids(tail)
+    generated = greedy(saved["model"], ids, 8, stops(tokenizer))
+    assert row["text"] == "".join(tail) + reply_text(tokenizer, generated, stops(tokenizer))
+    assert row["tokens"] == len(generated)
+    assert (row["reasoning"], row["answer"]) == inference.split_reasoning(row["text"])
+    typed_lines(monkeypatch, "cats", "dogs")
+    eval_model.main(greedy_args(saved, "--thinking", thinking, "--max_new_tokens", "8"))
+    history = messages + [{"role": "assistant", "content": row["text"]}, {"role": "user", "content": "dogs"}]
+    assert seen[1:] == [ids, inference.encode_prompt(tokenizer, history, enable_thinking=enable)]
+    capsys.readouterr()
+
+
+def test_thinking_on_reads_the_reply_as_reasoning_first(saved_tools, tokenizer, capsys, monkeypatch):
+    script_replies(monkeypatch, tokenizer, "Anna is 64.</think><answer>64</answer><|im_end|>")
+    eval_model.main(greedy_args(saved_tools, "--thinking", "on", "--prompt", "Age?"))
+    assert capsys.readouterr().out == "[reasoning] Anna is 64. [/reasoning]\nanswer: 64\n"
+    eval_model.main(greedy_args(saved_tools, "--thinking", "on", "--output_format", "jsonl", "--prompt", "Age?"))
+    row = json.loads(capsys.readouterr().out)
+    assert (row["reasoning"], row["answer"]) == ("Anna is 64.", "64")
+    assert row["text"] == "<think>Anna is 64.</think><answer>64</answer>"
+
+
+def test_prompts_file_tools_offer_a_subset_and_drop_the_reference(saved_tools, tokenizer, tmp_path, capsys,
+                                                                 monkeypatch):
+    """A record's "tools" offers just those demo tools (a call to another one gets an error result); a held-out
+    demo record's reference calls and answer after the last user turn are not in the prompt; records without
+    "tools" get them all."""
+    box, generator = demo_data.demo_toolbox(), demo_data.DemoGenerator(0)
+    held_out = next(r for r in (generator.tool_conversation(random.Random(s), "eval") for s in range(50)) if r["calls"])
+    question = demo_data.prompt_turns(held_out)
+    assert held_out["conversations"][len(question)].get("tool_calls")  # the reference's calls follow the question
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Sum?", "tools": [demo_data.LOOKUP]}, held_out,
+                                              {"prompt": "All?"}])
+    seen = script_replies(monkeypatch, tokenizer, *[call("calculator", expression="1 + 2") + "<|im_end|>",
+                                                    "Fine.<|im_end|>"] * 3)
+    eval_model.main(tool_args(saved_tools, "--output_format", "jsonl", "--prompts_file", path))
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0]["tool_calls"][0]["result"] == "error: unknown tool 'calculator' (available: lookup)"
+    assert seen[0] == inference.encode_prompt(tokenizer, [{"role": "user", "content": "Sum?"}],
+                                              tools=[demo_data.LOOKUP])
+    assert seen[2] == inference.encode_prompt(tokenizer, question, tools=box.schemas)
+    assert seen[4] == inference.encode_prompt(tokenizer, [{"role": "user", "content": "All?"}], tools=box.schemas)
+    assert [r["tool_calls"][0]["result"] for r in rows[1:]] == ["3", "3"]
+
+
+@pytest.mark.parametrize("record, offered, message", [
+    ({"prompt": "x", "tools": [demo_data.LOOKUP]}, "none", "'tools' needs --tools demo"),
+    ({"prompt": "x", "tools": [function_schema("weather", "today's weather", {"town": {"type": "string"}})]},
+     "demo", "tools[0] ('weather') is not one of the --tools demo tools: lookup, calculator"),
+    ({"prompt": "x", "tools": {"lookup": 1}}, "demo", "'tools' must be a list of function schemas"),
+    ({"conversations": [{"role": "user", "content": "x"}, {"role": "tool", "content": "3"}]}, "none",
+     "turn 1 is a tool turn without an assistant tool call"),
+])
+def test_prompts_file_bad_tools_name_file_and_line(record, offered, message, saved_tools, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, record])
+    code, line = refused(eval_model.main, greedy_args(saved_tools, "--tools", offered, "--prompts_file", path), capsys)
+    assert code == 2 and f"{path}:2: " in line and message in line, line
 
 
 def test_mode_0_is_plain_completion(saved, tokenizer):
@@ -306,8 +558,8 @@ def test_mode_0_is_plain_completion(saved, tokenizer):
     result = run_cli(greedy_args(saved, "--model_mode", "0", "--max_new_tokens", "6"), stdin="\n".join(lines) + "\n")
     assert result.returncode == 0, result.stderr
     eos = tokenizer.convert_tokens_to_ids(["<|endoftext|>"])
-    ids = eval_model.encode_raw(tokenizer, "The model learns")
-    reply = eval_model.Reply(tokenizer, eos, len(ids))
+    ids = inference.encode_raw(tokenizer, "The model learns")
+    reply = inference.Reply(tokenizer, eos, len(ids))
     continuation = printed([p for i in greedy(saved["model"], ids, 6, eos) for p in reply.push(i)] + reply.flush())
     refusal = ("is a chat command: --model_mode 0 continues each line on its own, with no conversation or system "
                "prompt (use --model_mode 1-3 to chat)")
@@ -315,17 +567,6 @@ def test_mode_0_is_plain_completion(saved, tokenizer):
     assert eval_model.RAW_HELP in result.stderr and "/system TEXT" not in result.stderr
     assert "Traceback" not in result.stderr
     assert "user>" not in result.stdout and "assistant>" not in result.stdout
-
-
-def refused(main, argv, capsys):
-    """(exit status, the one stderr line that says "error:") of running a script; no traceback."""
-    with pytest.raises(SystemExit) as stopped:
-        run_main(main, argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1, err
-    return stopped.value.code, errors[0]
 
 
 CHAT_CASES = {  # (extra flags, what the error line must say)
@@ -350,6 +591,17 @@ CHAT_CASES = {  # (extra flags, what the error line must say)
     "system prompt in mode 0": (["--model_mode", "0", "--system_prompt", "be nice"],
                                 "--system_prompt needs a chat model: --model_mode 0 continues raw text"),
     "missing model_path": (["--model_path", "nope.pth"], "--model_path nope.pth: no such checkpoint"),
+    "unknown thinking": (["--thinking", "maybe"], "argument --thinking: invalid choice: 'maybe'"),
+    "thinking in mode 0": (["--model_mode", "0", "--thinking", "off"],
+                           "--thinking needs a chat model: --model_mode 0 continues raw text"),
+    "unknown tools": (["--tools", "web"], "argument --tools: invalid choice: 'web'"),
+    "tools in mode 0": (["--model_mode", "0", "--tools", "demo"],
+                        "--tools needs a chat model: --model_mode 0 continues raw text"),
+    "zero tool rounds": (["--tools", "demo", "--max_tool_rounds", "0"], "argument --max_tool_rounds: must be >= 1"),
+    "tool rounds without tools": (["--max_tool_rounds", "2"],
+                                  "--max_tool_rounds applies to the tool loop: add --tools demo"),
+    "demo seed without tools": (["--demo_seed", "1"], "--demo_seed applies to the tool loop: add --tools demo"),
+    "negative demo seed": (["--tools", "demo", "--demo_seed", "-1"], "argument --demo_seed: must be >= 0"),
 }
 
 
@@ -437,21 +689,21 @@ def conversation(n_turns):
 
 def test_trim_history_keeps_system_and_newest_turns_within_budget(tokenizer):
     messages = conversation(6)
-    size = len(eval_model.encode_prompt(tokenizer, messages[:1] + messages[-5:]))  # system + 2 past turns + newest
-    kept = eval_model.trim_history(tokenizer, messages, size)
+    size = len(inference.encode_prompt(tokenizer, messages[:1] + messages[-5:]))  # system + 2 past turns + newest
+    kept = inference.trim_history(tokenizer, messages, size)
     assert kept == messages[:1] + messages[-5:]
     assert len(chat_ids(tokenizer, kept)) <= size
     assert len(chat_ids(tokenizer, messages[:1] + messages[-7:])) > size  # one more turn would not fit
-    assert eval_model.trim_history(tokenizer, messages, 10_000, max_turns=1) == messages[:1] + messages[-3:]
-    assert eval_model.trim_history(tokenizer, messages, 10_000, max_turns=0) == messages[:1] + messages[-1:]
-    with pytest.raises(eval_model.PromptTooLong, match="tokens but only 5 fit"):
-        eval_model.trim_history(tokenizer, messages, 5)
+    assert inference.trim_history(tokenizer, messages, 10_000, max_turns=1) == messages[:1] + messages[-3:]
+    assert inference.trim_history(tokenizer, messages, 10_000, max_turns=0) == messages[:1] + messages[-1:]
+    with pytest.raises(inference.PromptTooLong, match="tokens but only 5 fit"):
+        inference.trim_history(tokenizer, messages, 5)
 
 
 def test_incremental_decoding_never_splits_characters(tokenizer):
     text = "模型学习 😀🎉 naïve café，天地人 👩‍👩‍👧 end"
     ids = tokenizer.encode(text, add_special_tokens=False)
-    decoder = eval_model.IncrementalDecoder(tokenizer)
+    decoder = inference.IncrementalDecoder(tokenizer)
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == tokenizer.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)
@@ -461,10 +713,10 @@ def test_incremental_decoding_never_splits_characters(tokenizer):
 def test_reply_stream_splits_think_and_answer(tokenizer):
     stop_ids = stops(tokenizer)
     text = "<think>想一想 😀 2+2</think>\n<answer>4 🎉</answer>"
-    reply = eval_model.Reply(tokenizer, stop_ids, prompt_tokens=3)
+    reply = inference.Reply(tokenizer, stop_ids, prompt_tokens=3)
     pieces = [p for i in tokenizer.encode(text, add_special_tokens=False) + stop_ids[:1] for p in reply.push(i)]
     assert reply.finish_reason == "stop" and reply.text == text
-    assert (reply.reasoning, reply.answer) == ("想一想 😀 2+2", "4 🎉") == eval_model.split_reasoning(text)
+    assert (reply.reasoning, reply.answer) == ("想一想 😀 2+2", "4 🎉") == inference.split_reasoning(text)
     assert "".join(t for s, t in pieces if s == "reasoning") == "想一想 😀 2+2"
     assert "".join(t for s, t in pieces if s == "answer").strip() == "4 🎉"
     assert printed(pieces) == "[reasoning] 想一想 😀 2+2 [/reasoning]\nanswer: 4 🎉\n"
@@ -501,6 +753,21 @@ def test_reasoning_and_answer_are_visibly_separated(pieces, plain, terminal):
     assert printed(pieces, FakeTerminal()) == terminal
 
 
+def test_tool_lines_stand_apart_dim_on_a_terminal():
+    """Tool calls and results get lines of their own after the label or the reply so far, dim on a terminal."""
+    for out, dim, reset in ((io.StringIO(), "", ""), (FakeTerminal(), eval_model.DIM, eval_model.RESET)):
+        printer = eval_model.Printer(out, "assistant> ")
+        printer.start()
+        printer.write("reasoning", "need the age ")
+        printer.line("[tool call] lookup {}")
+        printer.line("[tool result] 64")
+        printer.write("answer", "64.")
+        printer.end()
+        reasoning = f"{dim}need the age{reset}" if dim else "[reasoning] need the age [/reasoning]"
+        assert out.getvalue() == (f"assistant> {reasoning}\n{dim}[tool call] lookup {{}}{reset}\n"
+                                  f"{dim}[tool result] 64{reset}\n64.\n")
+
+
 @pytest.mark.parametrize("text, expected", [
     ("plain reply", ("", "plain reply")),
     ("<think>still thinking", ("still thinking", "")),
@@ -508,7 +775,7 @@ def test_reasoning_and_answer_are_visibly_separated(pieces, plain, terminal):
     ("<answer>7</answer>", ("", "7")),
 ])
 def test_split_reasoning(text, expected):
-    assert eval_model.split_reasoning(text) == expected
+    assert inference.split_reasoning(text) == expected
 
 
 # ---------------------------------------------------------------------------------------------------- eval_ppl
@@ -525,7 +792,7 @@ def test_ppl_matches_hand_computation_when_texts_fit(saved, tokenizer, tmp_path)
     texts = ["Cats read stories.", "模型学习阅读和写作 😀"]
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
     m = eval_ppl.evaluate_file(saved["model"], tokenizer, path, batch_size=1)
-    per_sample = [full_nll(saved["model"], eval_model.encode_raw(tokenizer, t),
+    per_sample = [full_nll(saved["model"], inference.encode_raw(tokenizer, t),
                            [0] + [1] * len(tokenizer.encode(t, add_special_tokens=False))) for t in texts]
     total, tokens = sum(s for s, _ in per_sample), sum(n for _, n in per_sample)
     n_bytes = sum(len(t.encode()) for t in texts)
@@ -550,7 +817,7 @@ def test_windows_score_every_token_once_with_context(n_tokens, context, stride):
 def test_ppl_long_text_sliding_window(saved, tokenizer, tmp_path):
     rng = random.Random(3)
     text = " ".join(sample_sentence(rng, 25) for _ in range(20))
-    ids = eval_model.encode_raw(tokenizer, text)
+    ids = inference.encode_raw(tokenizer, text)
     assert len(ids) > 3 * CONTEXT
     path = write_jsonl(tmp_path / "long.jsonl", [{"text": text}])
     m = eval_ppl.evaluate_file(saved["model"], tokenizer, path, stride=48, batch_size=3)
@@ -634,7 +901,7 @@ def test_ppl_scores_a_literal_endoftext_as_text(saved, tokenizer, tmp_path):
     text = "a cat <|endoftext|> reads<|im_end|>"
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": text}])
     (ids, _, _), = eval_ppl.scored_sequences(tokenizer, path, "text")
-    assert list(ids) == eval_model.encode_raw(tokenizer, text) and n_special(tokenizer, ids) == 1  # the boundary
+    assert list(ids) == inference.encode_raw(tokenizer, text) and n_special(tokenizer, ids) == 1  # the boundary
     assert eval_ppl.evaluate_file(saved["model"], tokenizer, path)["tokens"] == len(encode_text(tokenizer, text))
 
 
