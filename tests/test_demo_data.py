@@ -87,7 +87,8 @@ def test_conversations_end_with_assistant_and_use_known_roles(demo):
             roles = [t["role"] for t in record["conversations"]]
             assert roles[-1] == "assistant" and set(roles) <= {"system", "user", "assistant", "tool"}
             assert "system" not in roles[1:]
-            assert ("tool" in roles) <= ("tools" in record), "tool turns only where tools are offered"
+            offered = "tools" in record or record["conversations"][0]["content"] in demo_data.TOOLS_IN_WORDS.values()
+            assert ("tool" in roles) <= offered, "tool turns only where tools are offered (as schemas or in words)"
     sft = [[t["role"] for t in r["conversations"]] for r in read(demo["sft"])]
     assert any(roles[0] == "system" for roles in sft), "some SFT conversations have a system prompt"
     assert any(roles.count("assistant") > 1 for roles in sft), "some SFT conversations are multi-turn"
@@ -253,8 +254,10 @@ def questions(record):
 
 def test_tool_conversations_offer_the_demo_tools_and_cover_every_kind(demo):
     sft = read(demo["sft"])
-    share = sum("tools" in r for r in sft) / len(sft)
-    assert 0.08 < share < 0.2, share
+    in_words = [r for r in sft if r["conversations"][0]["content"] in demo_data.TOOLS_IN_WORDS.values()]
+    schema_share = sum("tools" in r for r in sft) / len(sft)
+    share = schema_share + len(in_words) / len(sft)
+    assert 0.08 < share < 0.2 and 0.02 < schema_share < share, (share, schema_share)
     for record in tool_records(demo):
         assert record["tools"] == [LOOKUP, CALCULATOR]
         assert record["conversations"][0]["role"] == "user"
