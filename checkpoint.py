@@ -11,7 +11,7 @@ files load with torch.load(weights_only=True); a file that cannot be read is one
 """
 if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
     raise SystemExit("checkpoint.py is a library module, not a script: "
-                     "the training scripts are pretrain.py, SFT.py, distill.py and dpo.py (see README.md)")
+                     "the training scripts are pretrain.py, SFT.py, distill.py, dpo.py and grpo.py (see README.md)")
 import dataclasses
 import errno
 import fcntl
@@ -32,7 +32,8 @@ from cli import UserError
 from Config import LLMConfig
 from model import Transformer
 
-STAGE_SCRIPTS = {"pretrain": "pretrain.py", "sft": "SFT.py", "distill": "distill.py", "dpo": "dpo.py"}
+STAGE_SCRIPTS = {"pretrain": "pretrain.py", "sft": "SFT.py", "distill": "distill.py", "dpo": "dpo.py",
+                 "grpo": "grpo.py"}
 LATEST = "latest_checkpoint.pth"
 # Flags that shape only this session (where it runs, how it logs and saves): a resumed run may change them. Every
 # other flag defines the run: a resumed run refuses a different value. Both kinds, when left out, take the saved
@@ -190,9 +191,9 @@ def resume_checkpoint(args, stage):
     if isinstance(ckpt, dict) and "optimizer" not in ckpt and "model" in ckpt:
         found = ckpt.get("meta", {}).get("stage")
         raise CheckpointError(f"{path} holds {f'the {found} stage' if found else 'a model'}'s final weights, not a "
-                              f"training checkpoint: start a new "
-                              f"run from it (e.g. SFT.py --pretrained_path, distill.py/dpo.py --sft_path), or resume "
-                              f"an interrupted run with its latest_checkpoint.pth")
+                              f"training checkpoint: start a new run from it (e.g. SFT.py --pretrained_path, "
+                              f"distill.py/dpo.py/grpo.py --sft_path), or resume an interrupted run with its "
+                              f"latest_checkpoint.pth")
     require_keys(ckpt, ("model", "optimizer", "scaler", "step", "micro_step", "config", "args", "rng", "world_size",
                         "history", "meta"), path, "a training checkpoint")
     found = ckpt["meta"].get("stage")

@@ -22,8 +22,6 @@ record. evaluate_file() and the functions below run the same in-process.
 """
 import json
 import os
-import re
-import unicodedata
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +30,11 @@ from checkpoint import check_tokenizer
 from cli import POSITIVE_INT, ArgumentParser, UserError, run_main
 from dataset import DataError, encode_text, load_tokenizer
 from inference import (DTYPES, MODES, checkpoint_path, device_flag, encode_prompt, encode_raw, inference_device,
-                       inference_dtype, load_for_inference, split_reasoning, stop_ids)
+                       inference_dtype, load_for_inference, stop_ids)
+from rewards import extract_answer, normalize_answer
 from train_utils import ROOT
 
 LETTERS = "ABCDEFGHIJ"
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
 
 
 # --------------------------------------------------------------------------------------------------- reading items
@@ -197,29 +194,6 @@ def evaluate_choice(model, tokenizer, path, template="chat", batch_size=16, max_
 
 
 # ---------------------------------------------------------------------------------------------------- exact match
-
-def extract_answer(text):
-    """The answer in a reply or reference: <answer> content, else after "####", else the last number, else the
-    reply without its <think> part."""
-    tagged = ANSWER_TAG.findall(text)
-    if tagged:
-        return tagged[-1]
-    if "####" in text:
-        return text.rsplit("####", 1)[1]
-    numbers = NUMBER.findall(text)
-    return numbers[-1] if numbers else split_reasoning(text)[1]
-
-
-def normalize_answer(text):
-    """Comparable form: NFKC (full-width → ASCII), lowercase, single spaces, no thousands commas, "$", "%" or final
-    punctuation; a number loses trailing decimal zeros ("18.50" → "18.5", "18.0" → "18")."""
-    text = unicodedata.normalize("NFKC", text).lower().replace(",", "")
-    text = " ".join(text.split()).strip()
-    text = text.removeprefix("$").removesuffix("%").rstrip(".。!！").strip()
-    if re.fullmatch(r"-?\d+\.\d+", text):
-        text = text.rstrip("0").rstrip(".")
-    return text
-
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts, max_new_tokens, stops):

@@ -1,10 +1,11 @@
 """The plumbing every training stage shares, written once: command-line flags, devices and DDP, mixed precision,
 the LR schedule, the optimizer, the batch plan, the run itself (resume, signals, checkpoints: checkpoint.py),
-evaluation, throughput/MFU and logging. The stage scripts (pretrain.py, SFT.py, distill.py, dpo.py) show their loops.
+evaluation, throughput/MFU and logging. The stage scripts (pretrain.py, SFT.py, distill.py, dpo.py,
+grpo.py) show their loops.
 """
 if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
     raise SystemExit("train_utils.py is a library module, not a script: "
-                     "the training scripts are pretrain.py, SFT.py, distill.py and dpo.py (see README.md)")
+                     "the training scripts are pretrain.py, SFT.py, distill.py, dpo.py and grpo.py (see README.md)")
 import argparse
 import contextlib
 import functools
@@ -35,10 +36,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # ---------------------------------------------------------------------------------------------------------- flags
 
 def add_training_args(parser, *, batch_size, learning_rate, epochs, max_seq_len=None, save_step=100, min_lr=None,
-                      log_interval=10, eval_interval=200):
+                      log_interval=10, eval_interval=200, batch_help="sequences per micro-batch on each process"):
     """The flags every stage shares; each stage picks its own defaults. Every number is range-checked here."""
     a = parser.add_argument
-    a("--batch_size", type=POSITIVE_INT, default=batch_size, help="sequences per micro-batch on each process")
+    a("--batch_size", type=POSITIVE_INT, default=batch_size, help=batch_help)
     a("--learning_rate", type=POSITIVE, default=learning_rate, help="peak learning rate")
     a("--min_lr", type=NONNEG, default=min_lr, help="cosine floor (default: learning_rate / 10)")
     a("--warmup_steps", type=NONNEG_INT, default=None,
@@ -680,21 +681,29 @@ def format_seconds(s):
 
 # Metrics every stage logs; anything else a stage logs (DPO's reward accuracy and margins) gets a panel of its own.
 STANDARD_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
+# Stage metrics counted in tokens, not on the 0-1 scale the others share: each gets a panel to itself.
+OWN_PANEL_METRICS = {"completion_len"}
+VALIDATION_LOSS = {"step", "val_loss", "val_ppl"}
 
 
 def plot_curves(history, path, title):
-    """Loss (train and validation), learning rate, throughput and any stage-specific metrics against optimizer
-    steps, as one PNG."""
+    """Loss (train and validation), learning rate, throughput and any stage-specific metrics (training and
+    validation) against optimizer steps, as one PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     train, evals = history["train"], history["eval"]
-    extra = sorted({k for r in train for k in r} - STANDARD_METRICS)
-    fig, axes = plt.subplots(1, 4 if extra else 3, figsize=(20 if extra else 15, 4))
+    logged = {k for r in train for k in r}
+    extra = sorted(logged - STANDARD_METRICS - OWN_PANEL_METRICS)
+    eval_extra = sorted({k for r in evals for k in r} - VALIDATION_LOSS)  # GRPO validates by accuracy
+    own = sorted(logged & OWN_PANEL_METRICS)
+    panels = 3 + bool(extra or eval_extra) + len(own)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     steps = [r["step"] for r in train]
     axes[0].plot(steps, [r["loss"] for r in train], label="train loss", linewidth=0.8)
-    if evals:
-        axes[0].plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+    scored = [r for r in evals if "val_loss" in r]
+    if scored:
+        axes[0].plot([r["step"] for r in scored], [r["val_loss"] for r in scored], "o-", label="validation loss")
     axes[0].set_title(f"{title}: loss")
     axes[0].legend()
     axes[1].plot(steps, [r["lr"] for r in train])
@@ -703,9 +712,15 @@ def plot_curves(history, path, title):
     axes[2].set_title("tokens/s")
     for key in extra:
         axes[3].plot(steps, [r.get(key, float("nan")) for r in train], label=key, linewidth=0.8)
-    if extra:
-        axes[3].set_title(f"{title}: " + ", ".join(extra))
+    for key in eval_extra:
+        axes[3].plot([r["step"] for r in evals], [r.get(key, float("nan")) for r in evals], "o-", label=key)
+    if extra or eval_extra:
+        names = extra + eval_extra  # the legend names them all; a title of more would run into the next panel
+        axes[3].set_title(f"{title}: " + (", ".join(names) if len(names) <= 4 else "stage metrics"))
         axes[3].legend()
+    for ax, key in zip(axes[panels - len(own):], own):
+        ax.plot(steps, [r.get(key, float("nan")) for r in train], linewidth=0.8)
+        ax.set_title(f"{title}: {key}")
     for ax in axes:
         ax.set_xlabel("optimizer step")
     fig.tight_layout()
