@@ -53,7 +53,7 @@ EXPECTED = {
     "dpo": 'a JSONL file of {"chosen": [turns], "rejected": [turns]} records',
 }
 # Bump whenever the bytes written to the cache change (rendering, masking, truncation, file layout).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 META_KEYS = ("format", "kind", "dtype", "tokens", "max_seq_len", "pad_id", "sequences", "skipped", "truncated",
              "dropped", "first_problem", "sources")
 DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "tokens")
@@ -299,6 +299,11 @@ def chat_pieces(messages, add_generation_prompt=False, tools=None, enable_thinki
         start = pos
         if message["role"] == "assistant":
             content = message.get("content") or ""
+            if content.startswith(THINK + END_THINK):
+                # An empty think block is the thinking-off switch (enable_thinking=False writes it into the prompt),
+                # not a choice the model learns: left untrained, a model whose prompt leaves the switch unset
+                # thinks, and one whose prompt closes the block answers at once.
+                start += len(THINK + END_THINK)
             for i, part in enumerate(ASSISTANT_SPLIT.split(content)):
                 add(part, special=i % 2 == 1)
             for k, call in enumerate(message.get("tool_calls") or []):

@@ -77,8 +77,9 @@ HELDOUT_PERCENT = 20  # share of question texts reserved for the eval files
 # that SFT did not settle (the pipeline's "full answers" column).
 TERSE_SHARE = 0.35
 # SFT conversations by kind: facts (some multi-turn), a town's specialty, small sums, small talk, and tool use
-# (TOOL_KINDS below; ~12%: each costs ~450 tokens, ten times a plain one, most of it the tool schemas).
-SFT_KINDS = {"fact": 70, "town": 10, "math": 12, "talk": 8, "tools": 14}
+# (TOOL_KINDS below; ~22%: most describe the tools in one system line, SHORT_TOOLS_SHARE; the rest carry the
+# ~350-token schemas).
+SFT_KINDS = {"fact": 70, "town": 10, "math": 12, "talk": 8, "tools": 28}
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,14 @@ TOOLS = [LOOKUP, CALCULATOR]  # what every tool-use record offers (their schemas
 # large to do in one's head (the calculator); and questions the model answers without tools (small talk, a town, a
 # small sum), so it learns when not to call.
 TOOL_KINDS = {"lookup": 45, "months": 15, "calc": 15, "direct": 25}
-MAX_TOOL_QUESTIONS = 5  # per training conversation; five of the longest kind still fit a context of 1024 tokens
+MAX_TOOL_QUESTIONS = 3  # per training conversation (the schemas are paid once per conversation)
+# What the assistant says before its calls. A lookup's names the attribute right after the question, where the
+# tiny model decides reliably (as when it answers), and the call's first argument then repeats it: without it the
+# model rarely learns to put the question's attribute into the call. The calculator's repeats the expression.
+LEAD_INS = {"en": {"lookup": "Let me look up {g} {w}.", "calculator": "Let me compute {e}."},
+            "zh": {"lookup": "我查一下{g}{w}。", "calculator": "我来算一下 {e}。"}}
+ATTRIBUTE_WORDS = {"en": {a: a for a in ATTRIBUTES},
+                   "zh": {"city": "城市", "job": "工作", "pet": "宠物", "color": "颜色", "food": "食物", "age": "年龄"}}
 # The same tools described in one system line instead of the ~350-token schemas (SHORT_TOOLS_SHARE of the
 # training conversations): cheap to train on, and in a short context the model learns to read the question into
 # the call's arguments quickly; the schema form teaches it to do the same behind the schemas.
@@ -343,7 +351,7 @@ TOOLS_IN_WORDS = {
           "and calculator(expression).",
     "zh": "你可以调用两个工具：lookup(person, attribute)，attribute 是 city、job、pet、color、food 或 age；"
           "以及 calculator(expression)。"}
-SHORT_TOOLS_SHARE = 0.7
+SHORT_TOOLS_SHARE = 0.8
 MONTHS_QUESTIONS = {"en": ["How many months old is {n}?", "What is {g} age in months?", "How old is {n} in months?"],
                     "zh": ["{n}多少个月大了？", "{g}年龄是多少个月？", "{n}出生多少个月了？"]}
 MONTHS_ANSWERS = {"en": "{n} is {r} months old.", "zh": "{n}已经{r}个月大了。"}
@@ -364,10 +372,10 @@ class ToolDialogue:
     def ask(self, question):
         self.turns.append({"role": "user", "content": question})
 
-    def call(self, *calls):
-        """Run one round of (name, arguments) calls; returns their results (text)."""
+    def call(self, content, *calls):
+        """Say `content`, then run one round of (name, arguments) calls; returns their results (text)."""
         calls = [{"name": name, "arguments": arguments} for name, arguments in calls]
-        turns = tool_turns(self.toolbox, None, calls)
+        turns = tool_turns(self.toolbox, content, calls)
         n = sum(map(len, self.rounds))
         for k, (shaped, result) in enumerate(zip(turns[0]["tool_calls"], turns[1:]), n):
             shaped["id"] = result["tool_call_id"] = f"call_{k}"  # tool_turns draws random ids; the data is fixed
@@ -437,13 +445,13 @@ class DemoGenerator:
         return self.draw(split, make)
 
     def big_sum_question(self, rng, split, lang):
-        """(question, expression as shown, as the calculator takes it) for a sum of two two-digit numbers, too
-        large to work out by counting: the tool data sends these to the calculator."""
+        """(question, expression) for a sum of two two-digit numbers, too large to work out by counting: the tool
+        data sends these to the calculator (which reads × as well as *)."""
         def make():
             op = rng.choice("+-×")
             a, b = sorted((rng.randint(12, 99), rng.randint(12, 99)), reverse=True)
             e = f"{a} {op} {b}"
-            return rng.choice(MATH_QUESTIONS[lang]).format(e=e), e, e.replace("×", "*")
+            return rng.choice(MATH_QUESTIONS[lang]).format(e=e), e
         return self.draw(split, make)
 
     def word_problem(self, rng, split, lang=None):
@@ -622,11 +630,22 @@ class DemoGenerator:
             record.update(answer=answer, attribute=attribute, lang=lang, kind=kind, calls=dialogue.rounds)
         return record
 
+    @staticmethod
+    def lookup(dialogue, person, attr, lang):
+        """One lookup call, its lead-in first; the attribute is the first argument (see LEAD_INS)."""
+        lead_in = fill(LEAD_INS[lang]["lookup"], person, lang, w=ATTRIBUTE_WORDS[lang][attr])
+        return dialogue.call(lead_in, ("lookup", {"attribute": attr, "person": person.name(lang)}))[0]
+
+    @staticmethod
+    def calculate(dialogue, expression, lang):
+        return dialogue.call(LEAD_INS[lang]["calculator"].format(e=expression),
+                             ("calculator", {"expression": expression}))[0]
+
     def tool_lookup(self, rng, split, lang, dialogue):
         """Ask `dialogue` a fact question, answered with one lookup; returns (answer, attribute)."""
         q, _, p, attr, _ = self.fact_question(rng, split, lang)
         dialogue.ask(q)
-        v, = dialogue.call(("lookup", {"person": p.name(lang), "attribute": attr}))
+        v = self.lookup(dialogue, p, attr, lang)
         dialogue.reply(fill(ANSWERS[lang][attr], p, lang, **{**fact_fields(p, attr, lang), "v": v}))
         return v, attr
 
@@ -636,16 +655,16 @@ class DemoGenerator:
             return fill(rng.choice(MONTHS_QUESTIONS[lang]), p, lang), p
         q, p = self.draw(split, make)
         dialogue.ask(q)
-        age, = dialogue.call(("lookup", {"person": p.name(lang), "attribute": "age"}))
-        months, = dialogue.call(("calculator", {"expression": f"{age} * 12"}))
+        age = self.lookup(dialogue, p, "age", lang)
+        months = self.calculate(dialogue, f"{age} × 12", lang)
         dialogue.reply(fill(MONTHS_ANSWERS[lang], p, lang, r=months))
         return months, "number"
 
     def tool_calc(self, rng, split, lang, dialogue):
-        q, shown, expression = self.big_sum_question(rng, split, lang)
+        q, expression = self.big_sum_question(rng, split, lang)
         dialogue.ask(q)
-        r, = dialogue.call(("calculator", {"expression": expression}))
-        dialogue.reply(f"{shown} = {r}" + ("." if lang == "en" else "。"))
+        r = self.calculate(dialogue, expression, lang)
+        dialogue.reply(f"{expression} = {r}" + ("." if lang == "en" else "。"))
         return r, "number"
 
     def tool_direct(self, rng, split, lang, dialogue):

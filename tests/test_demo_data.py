@@ -14,6 +14,7 @@ from demo_data import (
     PEOPLE,
     TABLES,
     TERSE_SHARE,
+    TOOLS_IN_WORDS,
     TOWNS,
     demo_toolbox,
     generate_demo,
@@ -87,8 +88,7 @@ def test_conversations_end_with_assistant_and_use_known_roles(demo):
             roles = [t["role"] for t in record["conversations"]]
             assert roles[-1] == "assistant" and set(roles) <= {"system", "user", "assistant", "tool"}
             assert "system" not in roles[1:]
-            offered = "tools" in record or record["conversations"][0]["content"] in demo_data.TOOLS_IN_WORDS.values()
-            assert ("tool" in roles) <= offered, "tool turns only where tools are offered (as schemas or in words)"
+            assert ("tool" in roles) <= offers_tools(record), "tool turns only where tools are offered"
     sft = [[t["role"] for t in r["conversations"]] for r in read(demo["sft"])]
     assert any(roles[0] == "system" for roles in sft), "some SFT conversations have a system prompt"
     assert any(roles.count("assistant") > 1 for roles in sft), "some SFT conversations are multi-turn"
@@ -143,7 +143,7 @@ def test_dpo_pairs_share_the_prompt_and_differ_at_the_end(demo):
 def test_sft_replies_mix_bare_values_and_sentences_and_dpo_prefers_sentences(demo):
     values = {v for rows in TABLES.values() for row in rows for v in row[:2]} | {str(a) for a in range(1, 100)}
     names = [n for p in PEOPLE for n in p[:2]]
-    finals = [r["conversations"][-1]["content"] for r in read(demo["sft"]) if "tools" not in r]
+    finals = [r["conversations"][-1]["content"] for r in read(demo["sft"]) if not offers_tools(r)]
     bare = [reply for reply in finals if reply in values]
     sentences = [reply for reply in finals if any(n in reply for n in names)]
     assert abs(len(bare) / (len(bare) + len(sentences)) - TERSE_SHARE) < 0.05, (len(bare), len(sentences))
@@ -237,8 +237,13 @@ def test_prompt_turns_drop_only_the_reference(demo):
     assert prompt_turns(record)[-1]["role"] == "user"
 
 
+def offers_tools(record):
+    """Tools offered as schemas (the record's "tools") or in words (the system line TOOLS_IN_WORDS)."""
+    return "tools" in record or record["conversations"][0]["content"] in TOOLS_IN_WORDS.values()
+
+
 def tool_records(demo):
-    return [r for name in ("sft", "tools_eval") for r in read(demo[name]) if "tools" in r]
+    return [r for name in ("sft", "tools_eval") for r in read(demo[name]) if offers_tools(r)]
 
 
 def rounds_of_calls(turns):
@@ -247,22 +252,23 @@ def rounds_of_calls(turns):
 
 
 def questions(record):
-    """The conversation cut before each user message: one list of turns per question."""
+    """The conversation cut before each user message: one list of turns per question (no system turn)."""
     cuts = [i for i, t in enumerate(record["conversations"]) if t["role"] == "user"] + [None]
     return [record["conversations"][a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def test_tool_conversations_offer_the_demo_tools_and_cover_every_kind(demo):
     sft = read(demo["sft"])
-    in_words = [r for r in sft if r["conversations"][0]["content"] in demo_data.TOOLS_IN_WORDS.values()]
-    schema_share = sum("tools" in r for r in sft) / len(sft)
-    share = schema_share + len(in_words) / len(sft)
-    assert 0.08 < share < 0.2 and 0.02 < schema_share < share, (share, schema_share)
+    offering = [r for r in sft if offers_tools(r)]
+    assert 0.12 < len(offering) / len(sft) < 0.32, len(offering) / len(sft)
+    in_words = sum("tools" not in r for r in offering) / len(offering)
+    assert abs(in_words - demo_data.SHORT_TOOLS_SHARE) < 0.1, in_words
     for record in tool_records(demo):
-        assert record["tools"] == [LOOKUP, CALCULATOR]
-        assert record["conversations"][0]["role"] == "user"
-    counts = [len(questions(r)) for r in sft if "tools" in r]
-    assert set(counts) == set(range(1, demo_data.MAX_TOOL_QUESTIONS + 1)), "several questions share the schemas"
+        if "tools" in record:
+            assert record["tools"] == [LOOKUP, CALCULATOR] and record["conversations"][0]["role"] == "user"
+    assert all("tools" in r for r in read(demo["tools_eval"])), "the eval offers the schemas, as the API does"
+    counts = {len(questions(r)) for r in offering}
+    assert counts == set(range(1, demo_data.MAX_TOOL_QUESTIONS + 1)), "several questions share the tools"
     shapes = {tuple(tuple(c["name"] for c in calls) for calls in rounds_of_calls(q))
               for r in tool_records(demo) for q in questions(r)}
     # no call (small talk, a town, a small sum), one lookup, the calculator, a lookup and then the calculator
@@ -290,17 +296,27 @@ def test_tool_results_in_the_data_are_what_executing_the_calls_returns(demo):
     assert checked > 50
 
 
-def test_tool_answers_use_the_results_in_the_language_of_the_question(demo):
+def test_tool_calls_follow_their_lead_in_and_answers_use_the_results(demo):
+    """A lookup's lead-in names the attribute (in the question's language) and the call puts it first; a
+    calculator's lead-in holds the expression; the final reply states the last result; Chinese names get Chinese
+    values and Chinese replies."""
     zh_names, toolbox = {zh for _, zh, _ in PEOPLE}, demo_toolbox()
     for turns in (q for record in tool_records(demo) for q in questions(record)):
         results = [t["content"] for t in turns if t["role"] == "tool"]
         if results:
-            assert results[-1] in turns[-1]["content"], turns  # the final reply states the last result
-        for calls in rounds_of_calls(turns):
+            assert results[-1] in turns[-1]["content"], turns
+        for turn, calls in zip([t for t in turns if t.get("tool_calls")], rounds_of_calls(turns)):
             for call in calls:
-                if call["name"] == "lookup" and call["arguments"]["person"] in zh_names:
-                    answer = toolbox.call("lookup", call["arguments"])
-                    assert CJK.search(answer) or answer.isdigit(), answer  # Chinese names, Chinese values
+                args = call["arguments"]
+                if call["name"] == "calculator":
+                    assert args["expression"] in turn["content"]
+                    continue
+                lang = "zh" if args["person"] in zh_names else "en"
+                assert list(args) == ["attribute", "person"]
+                assert demo_data.ATTRIBUTE_WORDS[lang][args["attribute"]] in turn["content"]
+                if lang == "zh":
+                    answer = toolbox.call("lookup", args)
+                    assert CJK.search(answer) or answer.isdigit(), answer
                     assert CJK.search(turns[-1]["content"])
 
 
@@ -312,7 +328,8 @@ def test_tool_eval_records_carry_their_calls_and_score_their_own_reference(demo)
         n_calls = sum(len(t.get("tool_calls") or []) for t in turns)
         assert score_tool_answer(record, turns[-1]["content"], n_calls), record
         if record["calls"]:
-            first = "\n".join(f"<tool_call>{tool_call_text(c)}</tool_call>" for c in turns[1]["tool_calls"])
+            first = turns[1]["content"] + "".join(f"\n<tool_call>{tool_call_text(c)}</tool_call>"
+                                                  for c in turns[1]["tool_calls"])
             assert score_tool_call(record, first) == {"parses": True, "right_tool": True, "right_args": True}
             assert not score_tool_answer(record, turns[-1]["content"], 0)  # right answer, but no tool was called
         else:
