@@ -356,8 +356,10 @@ MONTHS_QUESTIONS = {"en": ["How many months old is {n}?", "What is {g} age in mo
                     "zh": ["{n}多少个月大了？", "{g}年龄是多少个月？", "{n}出生多少个月了？"]}
 MONTHS_ANSWERS = {"en": "{n} is {r} months old.", "zh": "{n}已经{r}个月大了。"}
 # Share of reasoning records whose reply has an empty think, "<think></think><answer>7</answer>": what the model says
-# when the prompt switches thinking off (enable_thinking=False closes the think block before the reply).
-NO_THINK_SHARE = 0.25
+# when the prompt switches thinking off (enable_thinking=False closes the think block before the reply). They come
+# on top of the 1500 worked problems (SIZES): with a quarter of those replaced instead, the pipeline's distilled
+# model reasoned right half as often.
+NO_THINK_SHARE = 0.2
 
 
 class ToolDialogue:
@@ -845,7 +847,7 @@ def score_tool_answer(record, final_reply, n_calls):
 
 SIZES = {  # records per file at scale 1.0
     "pretrain": 9000, "pretrain_eval": 400, "sft": 4500, "sft_eval": 300,
-    "reasoning": 1500, "reasoning_eval": 300, "dpo": 1000, "dpo_eval": 200, "tools_eval": 200,
+    "reasoning": 1875, "reasoning_eval": 300, "dpo": 1000, "dpo_eval": 200, "tools_eval": 200,
 }
 
 

@@ -7,7 +7,7 @@
     python eval_model.py --model_mode 1 --tools demo                       # the model may call the demo tools
     python eval_model.py --model_mode 2 --thinking off --prompt "What is 17 + 25?"   # answer without reasoning
 
---model_mode picks save_dir/{stage}_final.pth: 0 pretrain, 1 SFT, 2 distill (reasoning), 3 DPO; --model_path takes
+--model_mode picks save_dir/{stage}_final.pth: 0 pretrain, 1 SFT, 2 distill (reasoning), 3 DPO, 4 GRPO; --model_path takes
 any checkpoint instead (a *_final.pth, a latest_checkpoint.pth or a *_final/ safetensors folder). Where there is no
 checkpoint, the error lists the ones under --save_dir (two folders deep) with their stage and the command to chat.
 
@@ -263,7 +263,7 @@ def chat_command(session, line, system, history):
         return None
     if session.raw and command in ("/reset", "/system"):
         print(f"{command} is a chat command: --model_mode 0 continues each line on its own, with no conversation "
-              f"or system prompt (use --model_mode 1-3 to chat)")
+              f"or system prompt (use --model_mode 1-4 to chat)")
     elif command in ("/reset", "/system"):
         if command == "/system":
             system = [{"role": "system", "content": rest.strip()}] if rest.strip() else []
@@ -389,7 +389,7 @@ def answer_all(session, prompts, args):
     line on stdout. Raw mode prints each prompt before its continuation."""
     for label, messages, toolbox in prompts:
         if session.raw and len(messages) > 1:
-            raise UserError("--model_mode 0 continues raw text; conversations need a chat model (modes 1-3)")
+            raise UserError("--model_mode 0 continues raw text; conversations need a chat model (modes 1-4)")
         messages = with_system(messages, args.system_prompt)
         if args.output_format == "text":
             printer = Printer(sys.stdout, messages[-1]["content"] if session.raw else "")
@@ -499,7 +499,7 @@ def check_raw_flags(args, raw, path):
     unset = {"system_prompt": None, "history_turns": None, "thinking": "auto", "tools": "none"}
     for flag, default in unset.items():
         if raw and getattr(args, flag) != default:
-            raise UserError(f"--{flag} needs a chat model: {why} continues raw text (use --model_mode 1-3)")
+            raise UserError(f"--{flag} needs a chat model: {why} continues raw text (use --model_mode 1-4)")
 
 
 def build_session(args):

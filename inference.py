@@ -26,7 +26,7 @@ from dataset import encode_chat, encode_text
 from lora import load_lora, merge_lora
 from train_tokenizer import ANSWER, END_ANSWER, END_THINK, END_TOOL_CALL, SPECIAL_TOKENS, THINK, TOOL_CALL
 
-MODES = {0: "pretrain", 1: "sft", 2: "distill", 3: "dpo"}
+MODES = {0: "pretrain", 1: "sft", 2: "distill", 3: "dpo", 4: "grpo"}
 EOS, IM_END = SPECIAL_TOKENS[0], SPECIAL_TOKENS[2]
 TAG_PATTERN = re.compile(f"({re.escape(THINK)}|{re.escape(END_THINK)}|{re.escape(ANSWER)}|{re.escape(END_ANSWER)})")
 # What a tag token does to the reply: the section that follows it.

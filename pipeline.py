@@ -1,7 +1,7 @@
-"""The whole pipeline in one command: data → pretrain → SFT → reasoning distillation → DPO → evaluation, ending in
-a scoreboard that shows what each stage changed.
+"""The whole pipeline in one command: data → pretrain → SFT → reasoning distillation → GRPO → DPO → evaluation,
+ending in a scoreboard that shows what each stage changed.
 
-    python pipeline.py                                  # built-in demo corpus, tiny model, ~7 min on 2 CPU cores
+    python pipeline.py                                  # built-in demo corpus, tiny model, ~10 min on 2 CPU cores
     python pipeline.py --data_dir data/real --preset small --out_dir runs/small      # your own data, a real size
 
 --data_dir holds pretrain.jsonl, sft.jsonl, reasoning.jsonl, dpo.jsonl and, optionally, the held-out files
@@ -24,6 +24,7 @@ import torch
 
 import distill
 import dpo
+import grpo
 import pretrain
 import SFT
 import train_utils as tu
@@ -37,7 +38,9 @@ from eval_bench import generate_batch
 from inference import encode_prompt, stop_ids
 from tools import parse_tool_call, tool_turns
 
-STAGES = ["pretrain", "sft", "distill", "dpo"]
+# GRPO comes right after distillation, whose reasoning it improves (its scoreboard row against distill's shows
+# what RL added); DPO then polishes the style of the RL model, the one served.
+STAGES = ["pretrain", "sft", "distill", "grpo", "dpo"]
 FILES = ["pretrain", "sft", "reasoning", "dpo"]
 EVAL_ONLY = ["tools"]  # held-out tool-use questions; their training conversations are in sft.jsonl
 
@@ -56,9 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=NONNEG_INT, default=1337, help="every stage's --seed")
     p.add_argument("--pretrain_epochs", type=POSITIVE_INT, default=1, help="passes over pretrain.jsonl")
     p.add_argument("--sft_epochs", type=POSITIVE_INT, default=3, help="passes over sft.jsonl")
-    p.add_argument("--distill_epochs", type=POSITIVE_INT, default=5, help="passes over reasoning.jsonl (+ replay)")
+    p.add_argument("--distill_epochs", type=POSITIVE_INT, default=8, help="passes over reasoning.jsonl (+ replay)")
     p.add_argument("--replay", type=NONNEG_INT, default=800,
                    help="SFT conversations mixed into reasoning distillation, so plain answers are not forgotten")
+    p.add_argument("--grpo_steps", type=POSITIVE_INT, default=150,
+                   help="GRPO steps on the word problems of reasoning.jsonl (8 prompts × 8 sampled replies each)")
     p.add_argument("--dpo_epochs", type=POSITIVE_INT, default=1, help="passes over dpo.jsonl")
     p.add_argument("--batch_size", type=POSITIVE_INT, default=16, help="every stage's --batch_size")
     p.add_argument("--eval_items", type=POSITIVE_INT, default=200, help="held-out questions answered per stage")
@@ -114,7 +119,11 @@ def stage_commands(args, files):
                                    "--sft_path", f"{ckpt}/sft_final.pth",
                                    "--learning_rate", "2e-3", "--epochs", str(args.distill_epochs),
                                    "--special_token_weight", "5", *held_out("reasoning"), *save]),
-        "dpo": (dpo.main, ["--data_path", files["dpo"], "--sft_path", f"{ckpt}/distill_final.pth",
+        # The later --batch_size wins: GRPO's counts prompts, each answered 8 times.
+        "grpo": (grpo.main, ["--data_path", files["reasoning"], "--sft_path", f"{ckpt}/distill_final.pth",
+                             "--learning_rate", "1e-4", "--scale_rewards", "--max_steps", str(args.grpo_steps),
+                             "--num_generations", "8", *held_out("reasoning"), *save, "--batch_size", "8"]),
+        "dpo": (dpo.main, ["--data_path", files["dpo"], "--sft_path", f"{ckpt}/grpo_final.pth",
                            "--learning_rate", "1e-4", "--beta", "0.1", "--epochs", str(args.dpo_epochs),
                            *held_out("dpo"), *save]),
     }
@@ -152,7 +161,7 @@ def answer(model, tokenizer, conversations, max_new_tokens=64, batch_size=32, to
 
 
 @torch.no_grad()
-def tool_dialogues(model, tokenizer, records, toolbox, max_new_tokens=48, max_replies=4, min_room=16):
+def tool_dialogues(model, tokenizer, records, toolbox, max_new_tokens=96, max_replies=4, min_room=16):
     """Answer each record's question with its tools offered, executing the calls: generate, run every call of a
     reply with `toolbox` (tools.tool_turns), feed the results back and generate again, in batches, until a reply
     makes no call, a call does not parse (the reply then stands as text, as the server returns it), the
@@ -279,7 +288,7 @@ def next_commands(args):
     ckpt = os.path.join(args.out_dir, "checkpoints")
     return "\n".join([
         "next:",
-        f"  python eval_model.py --save_dir {ckpt} --model_mode 1      # chat with the SFT model (2: distill, 3: DPO)",
+        f"  python eval_model.py --save_dir {ckpt} --model_mode 1      # chat with the SFT model (2: distill, 3: DPO, 4: GRPO)",
         f"  python api_server.py --model_path {ckpt}/dpo_final.pth     # OpenAI-compatible server + web chat",
         f"  python export_hf.py --model_path {ckpt}/dpo_final.pth --out_dir {args.out_dir}/hf   # Hugging Face"])
 

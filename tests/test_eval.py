@@ -562,7 +562,7 @@ def test_mode_0_is_plain_completion(saved, tokenizer):
     reply = inference.Reply(tokenizer, eos, len(ids))
     continuation = printed([p for i in greedy(saved["model"], ids, 6, eos) for p in reply.push(i)] + reply.flush())
     refusal = ("is a chat command: --model_mode 0 continues each line on its own, with no conversation or system "
-               "prompt (use --model_mode 1-3 to chat)")
+               "prompt (use --model_mode 1-4 to chat)")
     assert result.stdout == (f"> The model learns{continuation}> /system {refusal}\n> /reset {refusal}\n> \n")
     assert eval_model.RAW_HELP in result.stderr and "/system TEXT" not in result.stderr
     assert "Traceback" not in result.stderr

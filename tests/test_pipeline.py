@@ -17,16 +17,20 @@ def test_pipeline_runs_every_stage_and_writes_the_scoreboard(tmp_path, capsys):
     data = tmp_path / "data"
     generate_demo(str(data), scale=0.03)
     pipeline.main(["--data_dir", str(data), "--out_dir", str(tmp_path / "run"), "--pretrain_epochs", "1",
-                   "--sft_epochs", "1", "--distill_epochs", "1", "--eval_items", "8", "--tool_items", "6"])
+                   "--sft_epochs", "1", "--distill_epochs", "1", "--grpo_steps", "2", "--eval_items", "8",
+                   "--tool_items", "6"])
     out = capsys.readouterr().out
-    assert "=== stage 1/5: pretrain ===" in out and "=== stage 5/5: evaluation ===" in out
-    assert "evaluating dpo (4/4)" in out
+    assert "=== stage 1/6: pretrain ===" in out and "=== stage 4/6: grpo ===" in out
+    assert "=== stage 6/6: evaluation ===" in out and "evaluating dpo (5/5)" in out
     chat = next(line for line in out.splitlines() if "python eval_model.py" in line)
     argv = shlex.split(chat.split("#")[0])[2:]  # the printed next step works as printed (no dead end)
     eval_model.main([*argv, "--prompt", "Hello", "--max_new_tokens", "3", "--temperature", "0"])
     assert capsys.readouterr().out.strip()
+    argv[argv.index("--model_mode") + 1] = "4"  # the GRPO model
+    eval_model.main([*argv, "--prompt", "What is 2 + 3?", "--max_new_tokens", "3", "--temperature", "0"])
+    assert capsys.readouterr().out.strip()
     board = json.load(open(tmp_path / "run" / "scoreboard.json"))
-    assert [r["stage"] for r in board["rows"]] == ["unigram", "pretrain", "sft", "distill", "dpo"]
+    assert [r["stage"] for r in board["rows"]] == ["unigram", "pretrain", "sft", "distill", "grpo", "dpo"]
     for row in board["rows"][1:]:
         assert {"text_ppl", "chat_ppl", "sft_acc", "full_answers", "think_format", "reasoning_acc", "no_think_acc",
                 "pref_acc", "tool_parses", "tool_right_tool", "tool_right_args", "tool_acc"} <= set(row)
