@@ -1,7 +1,7 @@
 """The whole pipeline in one command: data → pretrain → SFT → reasoning distillation → GRPO → DPO → evaluation,
 ending in a scoreboard that shows what each stage changed.
 
-    python pipeline.py                                  # built-in demo corpus, tiny model, ~10 min on 2 CPU cores
+    python pipeline.py                                  # built-in demo corpus, tiny model, ~9 min on 2 CPU cores
     python pipeline.py --data_dir data/real --preset small --out_dir runs/small      # your own data, a real size
 
 --data_dir holds pretrain.jsonl, sft.jsonl, reasoning.jsonl, dpo.jsonl and, optionally, the held-out files
