@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import train_utils as tu
-from checkpoint import check_tokenizer, load_model
 from cli import NONNEG, POSITIVE, ArgumentParser, UserError, number, run_main
-from Config import LLMConfig, describe
+from Config import describe
 from dataset import SFTDataset, collate_sft
-from model import Transformer, weighted_cross_entropy
+from model import weighted_cross_entropy
 from train_tokenizer import REASONING_TAGS, SPECIAL_TOKENS
 
 TAG_IDS = torch.tensor([SPECIAL_TOKENS.index(t) for t in REASONING_TAGS])
@@ -67,27 +66,17 @@ def kl_to_teacher(student_logits, teacher_logits, weights, temperature):
 
 
 def load_teacher(args, student_config, rt):
-    teacher, meta = load_model(args.teacher_path, rt.device)
-    check_tokenizer(meta, args.tokenizer_path, args.teacher_path)
+    teacher = tu.load_frozen(args.teacher_path, args, rt)
     if teacher.config.vocab_size != student_config.vocab_size:
         raise UserError(f"teacher vocab_size {teacher.config.vocab_size} != student vocab_size "
                          f"{student_config.vocab_size}: teacher and student must share the tokenizer")
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
-def load_student(args, ckpt, rt):
-    if ckpt is not None:
-        return Transformer(LLMConfig.from_dict(ckpt["config"])).to(rt.device)
-    model, meta = load_model(args.sft_path, rt.device, max_seq_len=args.max_seq_len)
-    check_tokenizer(meta, args.tokenizer_path, args.sft_path)
-    return model
+    return teacher
 
 
 def main(argv=None):
     args = parse_args(argv)
     rt, resume_path, ckpt = tu.begin_run("distill", args, DATA_HELP, inputs=["sft_path", "teacher_path"])
-    model = load_student(args, ckpt, rt)
+    model = tu.load_start(args, ckpt, rt)
     config = model.config
     args.max_seq_len = config.max_seq_len
     teacher = load_teacher(args, config, rt) if args.teacher_path else None

@@ -13,11 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import train_utils as tu
-from checkpoint import check_tokenizer, load_model
 from cli import POSITIVE, ArgumentParser, run_main
-from Config import LLMConfig, describe
+from Config import describe
 from dataset import DPODataset, collate_dpo
-from model import Transformer
 
 DATA_HELP = """no preference data at {path}.
 Put a JSONL file of {{"chosen": [turns], "rejected": [turns]}} records there or pass --data_path. Real data:
@@ -90,29 +88,15 @@ def evaluate_preferences(model, reference, data, ref_table, args, rt):
     return {"val_loss": loss / pairs, "val_reward_acc": correct / pairs}
 
 
-def load_policy(args, ckpt, rt):
-    if ckpt is not None:
-        return Transformer(LLMConfig.from_dict(ckpt["config"])).to(rt.device)
-    model, meta = load_model(args.sft_path, rt.device, max_seq_len=args.max_seq_len)
-    check_tokenizer(meta, args.tokenizer_path, args.sft_path)
-    return model
-
-
-def load_reference(args, rt):
-    reference, meta = load_model(args.ref_path or args.sft_path, rt.device, max_seq_len=args.max_seq_len)
-    check_tokenizer(meta, args.tokenizer_path, args.ref_path or args.sft_path)
-    reference.requires_grad_(False)
-    return reference.eval()
-
-
 def main(argv=None):
     args = parse_args(argv)
     rt, resume_path, ckpt = tu.begin_run("dpo", args, DATA_HELP, inputs=["sft_path", "ref_path"])
-    model = load_policy(args, ckpt, rt)
+    model = tu.load_start(args, ckpt, rt)
     config = model.config
     args.max_seq_len = config.max_seq_len
     data, eval_data = tu.load_data(DPODataset, args, rt, config.max_seq_len)
-    reference = None if ckpt is not None and args.precompute_ref else load_reference(args, rt)
+    reference = None if ckpt is not None and args.precompute_ref else \
+        tu.load_frozen(args.ref_path or args.sft_path, args, rt, max_seq_len=args.max_seq_len)
     if ckpt is not None:
         ref_tables = ckpt["extra"]["ref_tables"]
     elif args.precompute_ref:

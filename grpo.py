@@ -41,9 +41,9 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 import train_utils as tu
-from checkpoint import check_tokenizer, load_model, tokenizer_fingerprint
+from checkpoint import tokenizer_fingerprint
 from cli import NONNEG, POSITIVE, ArgumentParser, UserError, number, run_main
-from Config import LLMConfig, describe
+from Config import describe
 from dataset import DataError, load_tokenizer, read_jsonl
 from inference import encode_prompt, stop_ids
 from model import DECODE_BACKENDS, KVCache, Transformer
@@ -357,21 +357,6 @@ def evaluate_accuracy(ctx, eval_data):
     return {"val_accuracy": correct / n, "val_format": formatted / n}
 
 
-def load_policy(args, ckpt, rt):
-    if ckpt is not None:
-        return Transformer(LLMConfig.from_dict(ckpt["config"])).to(rt.device)
-    model, meta = load_model(args.sft_path, rt.device, max_seq_len=args.max_seq_len)
-    check_tokenizer(meta, args.tokenizer_path, args.sft_path)
-    return model
-
-
-def load_reference(args, rt):
-    path = args.ref_path or args.sft_path
-    reference, meta = load_model(path, rt.device, max_seq_len=args.max_seq_len)
-    check_tokenizer(meta, args.tokenizer_path, path)
-    return reference.requires_grad_(False).eval()
-
-
 class Context(NamedTuple):
     """What rollouts and evaluation read: the plain policy, the reference, the tokenizer and the data."""
     model: Transformer
@@ -386,7 +371,7 @@ class Context(NamedTuple):
 
 
 def build_context(args, rt, ckpt):
-    model = load_policy(args, ckpt, rt)
+    model = tu.load_start(args, ckpt, rt)
     args.max_seq_len = model.config.max_seq_len
     if args.max_new_tokens >= args.max_seq_len:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in max_seq_len "
@@ -397,7 +382,8 @@ def build_context(args, rt, ckpt):
     eval_data = load_prompts(args.eval_data, tokenizer, room, args.skip_bad_lines)[0] if args.eval_data else None
     if too_long and rt.is_master:
         print(f"left out {too_long} prompt(s) longer than {room} tokens (max_seq_len − --max_new_tokens)")
-    reference = load_reference(args, rt) if args.beta > 0 else None
+    reference = tu.load_frozen(args.ref_path or args.sft_path, args, rt, max_seq_len=args.max_seq_len) \
+        if args.beta > 0 else None
     # Decoding writes the KV cache in the autocast dtype (the dtype attention computes in).
     dtype = getattr(torch, rt.dtype) if rt.dtype != "float32" else next(model.parameters()).dtype
     ctx = Context(model, reference, tokenizer, data, args, rt, stop_ids(tokenizer, raw=False),

@@ -25,10 +25,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoint import (LATEST, check_tokenizer, claim_save_dir, load_training_state, rank0_says, release_save_dir,
-                        resume_checkpoint, run_settings, save_checkpoint, save_final, tokenizer_fingerprint, unwrap)
+from checkpoint import (LATEST, check_tokenizer, claim_save_dir, load_model, load_training_state, rank0_says,
+                        release_save_dir, resume_checkpoint, run_settings, save_checkpoint, save_final, tokenizer_fingerprint, unwrap)
 from cli import NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, UserError, add_bool_flag, number
+from Config import LLMConfig
 from dataset import LengthBucketBatches, collate_sft
+from model import Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -203,6 +205,23 @@ def begin_run(stage, args, data_help, inputs=()):
     rt = setup_runtime(args)
     claim_save_dir(args, rt, stage, resuming=ckpt is not None, inputs=inputs)
     return rt, resume_path, ckpt
+
+
+def load_start(args, ckpt, rt):
+    """The model a post-pretraining stage trains: resuming, the checkpoint's shape (its weights come with the run's
+    state); else the previous stage's weights at --sft_path, checked against the tokenizer."""
+    if ckpt is not None:
+        return Transformer(LLMConfig.from_dict(ckpt["config"])).to(rt.device)
+    model, meta = load_model(args.sft_path, rt.device, max_seq_len=args.max_seq_len)
+    check_tokenizer(meta, args.tokenizer_path, args.sft_path)
+    return model
+
+
+def load_frozen(path, args, rt, **config_overrides):
+    """A model that is read and never trained (a reference policy, a teacher), checked against the tokenizer."""
+    model, meta = load_model(path, rt.device, **config_overrides)
+    check_tokenizer(meta, args.tokenizer_path, path)
+    return model.requires_grad_(False).eval()
 
 
 def autocast(rt):
