@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import subprocess
 import sys
 
 import pytest
@@ -25,6 +26,14 @@ def write_jsonl(path, records):
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return str(path)
+
+
+def torchrun(script, argv):
+    """Run `script` under a 2-process CPU torchrun (gloo); a failure shows the processes' stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             script, *argv, "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")

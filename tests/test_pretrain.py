@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, sample_sentence, write_jsonl
+from conftest import ROOT, sample_sentence, torchrun, write_jsonl
 
 import pretrain
 from checkpoint import load_model
@@ -95,10 +95,7 @@ def test_two_process_gloo_ddp_matches_one_process(corpus, tokenizer_dir, tmp_pat
     one[one.index("--batch_size") + 1] = "8"
     pretrain.main(one)
     two = args_for(corpus, tokenizer_dir, tmp_path / "two", *common)  # batch 4 per process × 2 processes
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "pretrain.py", *two, "--device", "cpu"], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    torchrun("pretrain.py", two)
     a, b = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
     assert b["world_size"] == 2
     losses_a = [r["loss"] for r in a["history"]["train"]]

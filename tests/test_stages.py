@@ -1,12 +1,10 @@
 """SFT.py, distill.py and dpo.py end to end on a small generated corpus: exact resume, torchrun, LoRA, long
 context, the losses' definitions and clear errors."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, torchrun
 
 import distill
 import dpo
@@ -76,13 +74,6 @@ def test_stopped_and_resumed_stage_is_bitwise_identical(stage, make_args, setup,
     assert latest(tmp_path / "split")["step"] == 3
     stage.main(make_args(setup, tmp_path / "split", *run, "--resume_from", "auto"))
     assert_same_run(latest(tmp_path / "full"), latest(tmp_path / "split"))
-
-
-def torchrun(script, argv):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             script, *argv, "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_sft_under_two_process_torchrun_resumes_exactly(setup, tmp_path):
