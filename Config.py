@@ -117,6 +117,8 @@ PRESETS = {
     "base": dict(dim=768, n_layers=16, n_heads=8, n_kv_heads=2, max_seq_len=512),
     "moe": dict(dim=640, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=512, use_moe=True,
                 n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
+    # Llama-3.2-1B's shape (with this project's vocabulary): 0.99B parameters; see README "Scaling up" for memory.
+    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, max_seq_len=2048),
 }
 
 

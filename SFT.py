@@ -118,6 +118,7 @@ def main(argv=None):
             if not run.end_step({"loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                                  "tokens_per_s": step_tokens / run.seconds()}):
                 break
+        model = run.trained_model()  # under --fsdp: gathered into one plain model on rank 0
         if lora and rt.is_master and not run.running():
             adapters = save_lora(model, os.path.join(args.save_dir, "lora_sft.pth"), {"base": args.pretrained_path})
             print(f"saved adapters {adapters}")

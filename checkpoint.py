@@ -27,6 +27,9 @@ import zipfile
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule
 
 from cli import UserError
 from Config import LLMConfig
@@ -38,9 +41,9 @@ LATEST = "latest_checkpoint.pth"
 # Flags that shape only this session (where it runs, how it logs and saves): a resumed run may change them. Every
 # other flag defines the run: a resumed run refuses a different value. Both kinds, when left out, take the saved
 # value, except those that only make sense for the session that gave them.
-SESSION_FLAGS = {"device", "dtype", "compile", "num_workers", "cache_dir", "logger", "use_wandb", "use_swanlab",
-                 "project", "log_interval", "save_step", "eval_interval", "eval_batches", "stop_step", "resume_from",
-                 "save_dir", "overwrite"}
+SESSION_FLAGS = {"device", "dtype", "compile", "fsdp", "grad_checkpointing", "num_workers", "cache_dir", "logger",
+                 "use_wandb", "use_swanlab", "project", "log_interval", "save_step", "eval_interval", "eval_batches",
+                 "stop_step", "resume_from", "save_dir", "overwrite"}
 NOT_INHERITED = {"stop_step", "resume_from", "save_dir", "overwrite"}
 
 
@@ -159,19 +162,45 @@ def gather_rng_states(rt):
 
 
 def save_checkpoint(path, *, model, optimizer, scaler, step, micro_step, args, rt, history, meta, extra=None):
-    """The full training state. Every rank must call this (RNG states are gathered); rank 0 writes. Weights that
-    are not finite are never written: the file on disk stays the last good state."""
+    """The full training state. Every rank must call this (FSDP shards and RNG states are gathered); rank 0
+    writes. Weights that are not finite are never written: the file on disk stays the last good state."""
     model = unwrap(model)
-    if not all(torch.isfinite(p).all() for p in model.parameters()):  # every rank sees the same weights
+    model_state, optimizer_state = full_training_state(model, optimizer)
+    states = gather_rng_states(rt)
+    finite = rt.is_master and all(torch.isfinite(t).all() for t in model_state.values())
+    if not rank0_says(rt, finite):
         raise SystemExit(f"the weights are not finite after step {step}: stopping without saving; {path} holds the "
                          f"last good state. Try a lower --learning_rate or --dtype bfloat16.")
-    states = gather_rng_states(rt)
     if not rt.is_master:
         return
-    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    atomic_torch_save({"model": model_state, "optimizer": optimizer_state,
                        "scaler": scaler.state_dict(), "step": step, "micro_step": micro_step,
                        "config": model.config.to_dict(), "args": run_settings(args), "rng": states,
                        "world_size": rt.world_size, "history": history, "meta": meta, "extra": extra or {}}, path)
+
+
+def full_training_state(model, optimizer):
+    """(model state, optimizer state) exactly as one process training the plain model would save them, whatever
+    the number of processes, so that a checkpoint loads anywhere. A model sharded by FSDP is gathered on rank 0
+    (every rank must call this; the others get (None, None)), its optimizer state keyed by position as
+    optimizer.state_dict() keys it."""
+    if not isinstance(model, FSDPModule):
+        return model.state_dict(), optimizer.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    if not by_name:
+        return None, None
+    position = {name: i for i, name in enumerate(parameter_names(model, optimizer))}
+    return model_state, {"state": {position[n]: s for n, s in by_name["state"].items()},
+                         "param_groups": [{**g, "params": [position[n] for n in g["params"]]}
+                                          for g in by_name["param_groups"]]}
+
+
+def parameter_names(model, optimizer):
+    """The names of the optimizer's parameters in the order optimizer.state_dict() numbers them."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def run_settings(args):
@@ -237,18 +266,26 @@ def show(value):
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def load_training_state(ckpt, path, *, model, optimizer, scaler, rt, data_id):
-    """Restore model, optimizer, scaler and this rank's RNG; the data must be the same (by content) as saved."""
-    if ckpt["world_size"] != rt.world_size:
-        raise CheckpointError(f"{path} was written by {ckpt['world_size']} processes; resume it with the same number "
-                              f"(now {rt.world_size}) so the data position means the same batches")
+def load_training_state(ckpt, path, *, model, data_id):
+    """Restore the weights into the plain (not yet sharded) model; the data must be the same (by content) as
+    saved. Any number of processes may resume a run (train_utils.fit_world_size keeps its global batch)."""
     if ckpt["extra"].get("data") != data_id:
         raise CheckpointError(f"{path}: the data differs from the run's (same paths, but the files' content or the "
                               f"tokenizer changed): resuming would continue at a position in other data")
     load_state_strict(unwrap(model), ckpt["model"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])
+
+
+def load_optimizer_state(ckpt, *, model, optimizer, scaler):
+    """Restore the optimizer (each FSDP process takes its shards of the saved full state) and the loss scaler."""
+    if isinstance(model, FSDPModule):
+        names = parameter_names(model, optimizer)
+        saved = ckpt["optimizer"]
+        by_name = {"state": {names[i]: s for i, s in saved["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"][rt.rank])
 
 
 # ------------------------------------------------------------------------------------------ the save_dir claim

@@ -269,7 +269,7 @@ class Batch(NamedTuple):
 
 def sample_replies(ctx, prompts, group, streams):
     """(replies as id lists, their texts without the stop token): `group` per prompt, greedy without streams."""
-    with tu.autocast(ctx.rt):
+    with tu.autocast(ctx.rt), tu.full_weights(ctx.model):  # under --fsdp each process stops when its rows do
         replies = generate(ctx.model, [p.ids for p in prompts], group, ctx.args.max_new_tokens, ctx.stops,
                            ctx.args.temperature, streams, ctx.dtype)
     texts = ctx.tokenizer.batch_decode([r[:-1] if r[-1] in ctx.stops else r for r in replies],

@@ -226,6 +226,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.grad_checkpointing = False  # True: keep only each block's input, recompute the rest in backward
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -262,7 +263,12 @@ class Transformer(nn.Module):
         x = self.dropout(self.embed_tokens(input_ids))
         aux = []
         for i, layer in enumerate(self.layers):
-            x, layer_aux = layer(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, i)
+            inputs = (x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, i)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Non-reentrant: works under DDP/FSDP hooks and replays the block's dropout masks exactly.
+                x, layer_aux = torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
+            else:
+                x, layer_aux = layer(*inputs)
             if layer_aux is not None:
                 aux.append(layer_aux)
         if cache is not None:

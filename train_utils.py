@@ -8,6 +8,7 @@ if __name__ == "__main__":  # before the imports: a library module answers at on
                      "the training scripts are pretrain.py, SFT.py, distill.py, dpo.py and grpo.py (see README.md)")
 import argparse
 import contextlib
+import copy
 import functools
 import itertools
 import math
@@ -23,10 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoint import (LATEST, check_tokenizer, claim_save_dir, load_model, load_training_state, rank0_says,
-                        release_save_dir, resume_checkpoint, run_settings, save_checkpoint, save_final, tokenizer_fingerprint, unwrap)
+from checkpoint import (LATEST, CheckpointError, check_tokenizer, claim_save_dir, load_model, load_optimizer_state,
+                        load_state_strict, load_training_state, rank0_says, release_save_dir, resume_checkpoint,
+                        run_settings, save_checkpoint, save_final, set_rng_state, tokenizer_fingerprint, unwrap)
 from cli import NONNEG, NONNEG_INT, POSITIVE, POSITIVE_INT, UserError, add_bool_flag, number
 from Config import LLMConfig
 from dataset import LengthBucketBatches, collate_sft
@@ -72,6 +76,10 @@ def add_training_args(parser, *, batch_size, learning_rate, epochs, max_seq_len=
     a("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
       help="autocast dtype (default: bfloat16 on CUDA when supported, else float16; float32 on CPU)")
     add_bool_flag(parser, "--compile", help="torch.compile the model")
+    add_bool_flag(parser, "--grad_checkpointing", help="activation checkpointing: keep only each block's input and "
+                  "recompute the rest in backward (far less activation memory for about a third more compute)")
+    add_bool_flag(parser, "--fsdp", help="shard weights, gradients and AdamW state over the processes (PyTorch FSDP2) "
+                  "instead of a full copy on each (DDP); checkpoints still load on any number of processes")
     a("--tokenizer_path", default=os.path.join(ROOT, "tokenizer"), help="tokenizer folder")
     a("--logger", choices=["swanlab", "tensorboard", "none"], default="none", help="experiment tracker")
     add_bool_flag(parser, "--use_wandb", help="alias of --logger swanlab (the seeds' flag)")
@@ -127,9 +135,11 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    fsdp: bool = False
 
     @property
     def ddp(self):
+        """More than one process: gradients and metrics are reduced over them (by DDP, or FSDP with --fsdp)."""
         return self.world_size > 1
 
     @property
@@ -151,18 +161,27 @@ def setup_runtime(args):
                            "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
     if device == "cpu" and dtype == "float16":
         raise UserError("--dtype float16 needs CUDA; on CPU use float32 or bfloat16")
-    rt = Runtime(torch.device(device), dtype, rank, local_rank, world_size)
+    fsdp = bool(getattr(args, "fsdp", False))
+    if fsdp and dtype == "float16":
+        raise UserError("--fsdp trains in bfloat16 or float32 (the float16 loss scaler is not shard-aware here): "
+                        "pass --dtype bfloat16 (or float32)")
+    if fsdp and args.compile:
+        raise UserError("--fsdp and --compile together are not supported: leave out one of them")
+    rt = Runtime(torch.device(device), dtype, rank, local_rank, world_size, fsdp)
     if rt.device.type == "cuda":
         torch.cuda.set_device(rt.device)
+    backend = "nccl" if rt.device.type == "cuda" else "gloo"
     if world_size > 1:
-        dist.init_process_group(backend="nccl" if rt.device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend)
+    elif fsdp:  # FSDP needs a process group even when it has only this process to shard over
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     if not cuda and args.device is None and rt.is_master:
         print(f"CUDA is not available: training on CPU in {dtype}.")
     return rt
 
 
 def teardown(rt):
-    if rt.ddp:
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
@@ -184,11 +203,67 @@ def master_first(rt):
 
 
 def wrap_model(model, args, rt):
-    """torch.compile (if asked) and DDP around the model; the optimizer keeps using the plain model's parameters."""
+    """torch.compile (if asked) and DDP around the model; the optimizer keeps using the plain model's parameters.
+    A model sharded by shard_model needs no wrapper: FSDP hooks into its modules in place."""
     model = torch.compile(model) if args.compile else model
-    if rt.ddp:
+    if rt.ddp and not rt.fsdp:
         model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     return model
+
+
+def shard_model(model, rt):
+    """FSDP2 in place: each block, then the rest (embeddings, final norm, head), is one unit whose weights are
+    gathered just before use and freed after; gradients are reduce-scattered in fp32. Under bf16 the gathered
+    weights are bf16 (half the traffic); the fp32 shards stay the master weights."""
+    policy = MixedPrecisionPolicy() if rt.dtype == "float32" else MixedPrecisionPolicy(
+        param_dtype=getattr(torch, rt.dtype), reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+_GATHERED = set()  # ids of sharded models inside full_weights (nested use is free)
+
+
+@contextlib.contextmanager
+def full_weights(model):
+    """Under FSDP: every process holds the whole model inside the block, so its forward passes need no collectives
+    and processes may run different numbers of them (generation that stops early, uneven evaluation batches).
+    Without FSDP: nothing to do."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units or id(model) in _GATHERED:
+        yield
+        return
+    _GATHERED.add(id(model))
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # the root never reshards after forward
+        _GATHERED.discard(id(model))
+
+
+def meta_copy(model):
+    """The module tree of `model` (any wrappers such as LoRA included) with its parameters on the meta device:
+    no memory, a blueprint that materialize() fills with weights."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def materialize(blueprint, state, source):
+    """The blueprint's module tree on CPU holding exactly `state`; tied parameters stay tied."""
+    fresh = {}
+    for module in blueprint.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in fresh:
+                fresh[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad)
+            setattr(module, name, fresh[id(p)])
+    load_state_strict(blueprint, state, source)
+    return blueprint.cpu()
 
 
 def seed_everything(seed):
@@ -203,8 +278,39 @@ def begin_run(stage, args, data_help, inputs=()):
     resume_path, ckpt = resume_checkpoint(args, stage)
     require_files(args.data_path + (args.eval_data or []), data_help)
     rt = setup_runtime(args)
+    if ckpt is not None:
+        fit_world_size(args, ckpt, resume_path, rt)
     claim_save_dir(args, rt, stage, resuming=ckpt is not None, inputs=inputs)
     return rt, resume_path, ckpt
+
+
+def fit_world_size(args, ckpt, path, rt):
+    """A run saved by N processes continues on M with the same global batch: batch_size × processes stays, so
+    every optimizer step takes the same sequences (shuffled_batches and bucketed_plan cut global batches) and the
+    saved data position means the same place; the per-process batch_size adapts."""
+    saved = ckpt["world_size"]
+    if saved == rt.world_size:
+        return
+    global_batch = args.batch_size * saved
+    if global_batch % rt.world_size:
+        raise CheckpointError(f"{path} was trained with micro-batches of {global_batch} sequences ({saved} processes "
+                              f"× --batch_size {args.batch_size}), which {rt.world_size} processes cannot share "
+                              f"evenly: resume on a number of processes that divides {global_batch}")
+    if rt.is_master:
+        print(f"resuming a run of {saved} process(es) on {rt.world_size}: --batch_size {args.batch_size} -> "
+              f"{global_batch // rt.world_size} per process (still {global_batch} sequences per micro-batch, "
+              f"{args.accumulation_steps} micro-batch(es) per optimizer step)")
+    args.batch_size = global_batch // rt.world_size
+
+
+def restore_rng(ckpt, seed, rt):
+    """Each process continues its own random stream (dropout masks). On another number of processes no stream can
+    continue (each process holds other sequences than before): each starts a new one from (seed, step, rank).
+    Data order and GRPO sampling do not use these streams (they are keyed by seed and position)."""
+    if ckpt["world_size"] == rt.world_size:
+        set_rng_state(ckpt["rng"][rt.rank])
+    else:
+        seed_everything(int(np.random.SeedSequence([seed, ckpt["step"], rt.rank]).generate_state(1)[0]))
 
 
 def load_start(args, ckpt, rt):
@@ -372,9 +478,14 @@ def data_identity(data, eval_data):
 
 
 def bucketed_plan(data, args, rt):
-    """Batches of similar-length conversations (little padding), deterministic per (seed, epoch)."""
-    buckets = LengthBucketBatches(data.lengths, args.batch_size, args.seed, rt.rank, rt.world_size)
-    return BatchPlan(buckets.batches, args.epochs)
+    """Batches of similar-length conversations (little padding), deterministic per (seed, epoch): global batches of
+    batch_size × world_size, of which rank r takes slice r, so that (as with shuffled_batches) N processes see
+    exactly the batches of one process with N× the batch size. A last global batch that is not full sits out the
+    epoch (a different set of conversations each epoch)."""
+    global_batch = args.batch_size * rt.world_size
+    buckets = LengthBucketBatches(data.lengths, global_batch, args.seed)
+    mine = slice(rt.rank * args.batch_size, (rt.rank + 1) * args.batch_size)
+    return BatchPlan(lambda epoch: [b[mine] for b in buckets.batches(epoch) if len(b) == global_batch], args.epochs)
 
 
 def eval_indices(n_items, batch_size, rt, max_batches):
@@ -412,6 +523,75 @@ def evaluate(model, batches, rt):
 def flops_per_token(config, seq_len):
     """Training FLOPs per token: 6·N (active parameters incl. the head) + 12·layers·dim·seq_len (attention)."""
     return 6 * config.param_counts()[1] + 12 * config.n_layers * config.dim * seq_len
+
+
+def memory_estimate(config, batch_size, seq_len, dtype="float32", grad_checkpointing=False, processes=1, fsdp=False,
+                    trainable=None):
+    """Bytes each process holds in a training step, by part: fp32 weights, gradients and AdamW's two moments of
+    the `trainable` parameters (default all; LoRA trains few), each split over the processes by FSDP; the weights
+    in use in the compute dtype (FSDP: the gathered units; bf16 without FSDP: autocast's copy of every weight);
+    DDP's gradient buckets; and the activations of one micro-batch of batch_size × seq_len tokens.
+
+    Activations count the tensors autograd keeps for backward (dropout 0), term by term as this model's forward
+    saves them (tests/test_scale.py checks the sum against PyTorch's own tracker). A real peak adds short-lived
+    buffers (the logits' gradient, allocator caching, the CUDA context): leave ~10% headroom."""
+    total = config.param_counts()[0]
+    trainable = total if trainable is None else trainable
+    shards = processes if fsdp else 1
+    parts = {"weights": 4 * total / shards, "gradients": 4 * trainable / shards, "AdamW": 8 * trainable / shards}
+    width = 4 if dtype == "float32" else 2
+    if fsdp:
+        root = config.vocab_size * config.dim * (1 if config.tie_word_embeddings else 2) + config.dim
+        block = (total - root) / config.n_layers
+        # The block in use, the next one prefetched and the root unit (embeddings, head), plus one block's
+        # unsharded fp32 gradients before they are reduce-scattered.
+        parts["gathered"] = width * (2 * block + root) + 4 * block
+    elif width == 2:
+        parts["bf16 copies"] = 2 * total
+    if processes > 1 and not fsdp:
+        parts["DDP buckets"] = 4 * trainable
+    parts["activations"] = batch_size * seq_len * activation_bytes_per_token(config, dtype, grad_checkpointing)
+    return parts
+
+
+def activation_bytes_per_token(config, dtype="float32", grad_checkpointing=False):
+    """Bytes autograd keeps per token of a micro-batch. RMSNorm works in fp32 (its input and normalised output,
+    8·dim each); under autocast every projection casts its input to bf16 anew, in fp32 the projections of one
+    input share it; q, k, v and the attention output are kept for SDPA's backward, with its per-head log-sum-exp;
+    the feed-forward keeps gate, up, silu(gate) and their product (4·hidden)."""
+    d, h, hidden, V = config.dim, config.n_heads, config.hidden_dim, config.vocab_size
+    kv = config.n_kv_heads * config.head_dim
+    low = dtype != "float32"
+    w = 2 if low else 4                                       # bytes of a compute-dtype element
+    qkv_inputs, mlp_inputs = (3, 2) if low else (1, 1)        # copies of a projection input
+    attention = 16 * d + qkv_inputs * w * d + 2 * w * d + 2 * w * kv + 4 * h + 8
+    if config.use_moe:
+        k, shared = config.num_experts_per_tok, config.n_shared_experts
+        routed = 4 * d + mlp_inputs * w * d + w * d + 4 * w * hidden + 40  # gathered rows, expert, weighted output
+        shared_input = mlp_inputs * w * d if low else 0       # in fp32 the shared experts read the router's input
+        ffn = w * d + k * routed + shared * (shared_input + 4 * w * hidden) + 4 * config.n_routed_experts
+    else:
+        ffn = mlp_inputs * w * d + 4 * w * hidden
+    layer = attention + ffn
+    head = w * V + 4 * V + 8 * d + w * d + 16                  # logits, fp32 log-softmax, final norm, head input
+    if grad_checkpointing:  # each block keeps only its fp32 input; backward rebuilds one block at a time
+        return config.n_layers * 4 * d + layer + head
+    return config.n_layers * layer + head
+
+
+def memory_summary(config, args, rt, trainable):
+    """One line: the estimate for this run's settings, printed before training."""
+    parts = memory_estimate(config, args.batch_size, config.max_seq_len, rt.dtype, args.grad_checkpointing,
+                            rt.world_size, rt.fsdp, trainable)
+    how = ", ".join([rt.dtype, f"micro-batch {args.batch_size} × {config.max_seq_len} tokens"] +
+                    (["activation checkpointing"] if args.grad_checkpointing else []) +
+                    ([f"FSDP over {rt.world_size}"] if rt.fsdp else [f"DDP over {rt.world_size}"] if rt.ddp else []))
+    return (f"memory estimate per process ({how}): " + " + ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())
+            + f" = {format_bytes(sum(parts.values()))}")
+
+
+def format_bytes(n):
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
 # Dense bf16 peaks (spec sheets), matched against torch.cuda.get_device_name().
@@ -461,8 +641,6 @@ class TrainingRun:
                  data_id=None):
         self.stage, self.args, self.rt, self.model, self.evaluate = stage, args, rt, model, evaluate
         self.extra = {**(extra or {}), "data": data_id}
-        self.optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
-        self.scaler = make_scaler(rt)
         self.schedule = Schedule(args, plan)
         self.meta = {"stage": stage, "tokenizer": tokenizer_fingerprint(args.tokenizer_path),
                      "total_steps": self.schedule.steps}
@@ -470,12 +648,23 @@ class TrainingRun:
         history = None
         if ckpt is not None:
             check_tokenizer(ckpt["meta"], args.tokenizer_path, resume_path)
-            load_training_state(ckpt, resume_path, model=model, optimizer=self.optimizer, scaler=self.scaler, rt=rt,
-                                data_id=data_id)
+            load_training_state(ckpt, resume_path, model=model, data_id=data_id)
             self.step, self.micro_step, history = ckpt["step"], ckpt["micro_step"], ckpt["history"]
+        model.grad_checkpointing = args.grad_checkpointing
+        self.blueprint = meta_copy(model) if rt.fsdp else None
+        if rt.fsdp:
+            shard_model(model, rt)  # before the optimizer: FSDP replaces the parameters by their shards
+        self.optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+        self.scaler = make_scaler(rt)
+        if ckpt is not None:
+            load_optimizer_state(ckpt, model=model, optimizer=self.optimizer, scaler=self.scaler)
+            restore_rng(ckpt, args.seed, rt)
         else:
             seed_everything(args.seed + rt.rank)  # dropout masks differ across ranks
         self.train_model = wrap_model(model, args, rt)
+        self.trained = None
+        if rt.is_master:  # a sharded parameter's numel() is still the whole tensor's
+            print(memory_summary(model.config, args, rt, sum(p.numel() for p in model.parameters() if p.requires_grad)))
         self.logger = TrainLogger(args, rt, stage, self.schedule.steps, self.step, history)
         self.batches = plan.micro_batches(self.micro_step)
         self.latest = os.path.join(args.save_dir, LATEST)
@@ -521,8 +710,11 @@ class TrainingRun:
         return lr, [indices for _, indices in itertools.islice(self.batches, n)]
 
     def no_sync(self, i, n):
-        """DDP all-reduces gradients only on the last micro-batch of an optimizer step."""
-        return contextlib.nullcontext() if not self.rt.ddp or i == n - 1 else self.train_model.no_sync()
+        """DDP all-reduces gradients only on the last micro-batch of an optimizer step. FSDP reduce-scatters after
+        every micro-batch: holding unsharded gradients across micro-batches would cost the memory it saves."""
+        if not self.rt.ddp or self.rt.fsdp or i == n - 1:
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
 
     def global_loss(self, local_loss):
         """The step's loss averaged over processes; a NaN/inf on any process stops every process before the
@@ -562,7 +754,8 @@ class TrainingRun:
         last = self.step == self.schedule.steps
         self.logger.log(self.step, metrics)
         if self.evaluate is not None and (self.step % self.args.eval_interval == 0 or last):
-            self.logger.log_eval(self.step, self.evaluate())
+            with full_weights(self.model):
+                self.logger.log_eval(self.step, self.evaluate())
         stop = self.step == self.args.stop_step or self.stop_requested
         if self.step % self.args.save_step == 0 or last or stop:
             save_checkpoint(self.latest, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
@@ -571,13 +764,25 @@ class TrainingRun:
             self.logger.note(f"step {self.step}: saved {self.latest}")
         return not stop
 
+    def trained_model(self):
+        """The trained model as one process would hold it. Under --fsdp, once the run reached its last step, the
+        shards are gathered into a plain CPU copy on rank 0 (every process must call this; later calls are free)."""
+        if self.blueprint is None or self.running():
+            return self.model
+        if self.trained is None:
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            self.trained = materialize(self.blueprint, state, "the gathered shards") if self.rt.is_master else \
+                self.model
+        return self.trained
+
     def finish(self, final_model=None):
         """Curves; the final weights (final_model, default the trained model) if the run reached its last step;
         process-group teardown. Returns the final weights' path or None. A run stopped by a signal exits here,
         with status 130 (Ctrl-C) or 143 (SIGTERM), after its checkpoint was written."""
+        trained = self.trained_model()
         curves, path = self.logger.close(), None
         if self.rt.is_master and not self.running():
-            model = final_model or self.model
+            model = final_model or trained
             path = save_final(model, unwrap(model).config, self.args.save_dir, self.stage, self.args.tokenizer_path)
             print(f"saved {path}; curves in {curves}")
         elif self.rt.is_master:

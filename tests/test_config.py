@@ -20,6 +20,7 @@ def test_preset_sizes_are_as_documented():
     assert round(get_config("base").param_counts()[0] / 1e6) == 104
     total, active = get_config("moe").param_counts()
     assert round(total / 1e6) == 145 and active < total
+    assert round(get_config("1b").param_counts()[0] / 1e6, 1) == 986.4  # Llama-3.2-1B's shape, our vocabulary
 
 
 def test_hidden_dim_defaults_to_rounded_swiglu_size():
