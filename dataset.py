@@ -24,6 +24,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -579,7 +580,15 @@ def _ordered_map(fn, jobs, num_workers):
     if num_workers == 1:
         yield from map(fn, jobs)
         return
-    with multiprocessing.Pool(num_workers) as pool:
+    # The workers are forked copies of this process. What it has left for its garbage collector (a finished
+    # torch.distributed process group, whose destructor waits for threads a fork does not have) must not be
+    # collected there: frozen objects are never collected, in the children either.
+    gc.freeze()
+    try:
+        pool = multiprocessing.Pool(num_workers)
+    finally:
+        gc.unfreeze()
+    with pool:
         pending = collections.deque()
         for job in jobs:
             pending.append(pool.apply_async(fn, (job,)))

@@ -183,6 +183,11 @@ def setup_runtime(args):
 def teardown(rt):
     if dist.is_initialized():
         dist.barrier()
+        # gloo's worker thread frees each finished collective (the barrier holds the ones before it) and, for
+        # tensors made in Python, needs the GIL to do so. Sleeping hands it the GIL now: otherwise the process
+        # group's destructor, run later with the GIL held (when DDP's reducer is freed at exit), joins that worker
+        # thread while it waits for the GIL, and the process hangs forever.
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 

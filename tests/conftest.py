@@ -28,11 +28,17 @@ def write_jsonl(path, records):
     return str(path)
 
 
-def torchrun(script, argv):
-    """Run `script` under a 2-process CPU torchrun (gloo); a failure shows the processes' stderr."""
+def torchrun(script, argv, timeout=600):
+    """Run `script` under a 2-process CPU torchrun (gloo); a failure shows the processes' stderr, and a run that
+    hangs fails after `timeout` seconds instead of holding up the suite."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             script, *argv, "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True)
+    try:
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", script, *argv, "--device", "cpu"], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"{script} under torchrun did not finish in {timeout} s; its stderr:\n"
+                             f"{(e.stderr or b'').decode(errors='replace')[-3000:]}") from None
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -764,3 +764,35 @@ def test_bad_tokenizer_path_names_the_path(tmp_path, pretrain_file, make):
             load()
         assert str(e.value).startswith(f"{bad}: ") and "--tokenizer_path" in str(e.value)
         assert "sentencepiece" not in str(e.value) and "\n" not in str(e.value)
+
+
+class _Garbage:
+    """Cyclic garbage whose finaliser records the process that ran it."""
+
+    def __init__(self, path):
+        self.path, self.me = path, self
+
+    def __del__(self):
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def _collect_in_worker(job):
+    import gc
+    gc.collect()
+    return job
+
+
+def test_forked_tokenizer_workers_never_collect_the_parents_garbage(tmp_path):
+    """Worker processes are forks: garbage the parent had not collected yet (in the suite, a finished FSDP
+    process group, whose destructor hangs in a fork) must never be finalised in them."""
+    import gc
+    log = tmp_path / "finalised"
+    gc.disable()
+    try:
+        _Garbage(str(log))
+        assert list(dataset._ordered_map(_collect_in_worker, range(4), num_workers=2)) == [0, 1, 2, 3]
+    finally:
+        gc.enable()
+    gc.collect()
+    assert log.read_text().split() == [str(os.getpid())]  # finalised once, here, not in a worker
