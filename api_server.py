@@ -57,7 +57,8 @@ so neither a web page that rebinds its DNS name to 127.0.0.1 nor a cross-site fo
 tokenized on a worker thread, so a long one does not hold up other clients.
 
 Concurrent requests share the model: serving.Engine decodes all active requests (up to --max_batch_size) in one
-batched forward per step and admits new ones between steps; a client that disconnects frees its row at once.
+batched forward per step and admits new ones between steps, the waiting prompts prefilled together (up to
+--prefill_tokens per forward); a client that disconnects frees its row at once.
 The API key (--api_key, or the API_KEY environment variable) is required as `Authorization: Bearer KEY` on every
 route except /health and the page itself.
 """
@@ -766,6 +767,9 @@ def parse_args(argv=None):
     a("--max_request_bytes", type=POSITIVE_INT, default=MAX_REQUEST_BYTES, help="larger request bodies get 413")
     a("--max_batch_size", type=POSITIVE_INT, default=32, help="requests decoded together; more wait in a queue (the "
       "KV cache for this many full-context rows is allocated at start)")
+    a("--prefill_tokens", type=POSITIVE_INT, default=2048, help="waiting prompts are prefilled together in one "
+      "forward of up to this many tokens (each padded to the longest; a longer prompt goes alone): more admits a "
+      "burst of requests sooner, less keeps the running requests' decode steps closer together")
     a("--workers", type=POSITIVE_INT, default=1, help="worker processes, each with its own copy of the model, its "
       "own batching scheduler and --max_batch_size rows, sharing the port. 1 is right for one GPU: a single process "
       "batches all concurrent requests into shared forward passes, while N processes hold N copies and batch "
@@ -800,20 +804,30 @@ def allowed_hosts(args):
     return LOOPBACK_HOSTS + extra
 
 
+def cpu_has_amx():
+    is_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so absent in some torch versions
+    return bool(is_supported and is_supported())
+
+
 def build_app(args):
     """Load the model and tokenizer named by the flags and wrap them in the app."""
     tokenizer = load_tokenizer(args.tokenizer_path)  # first: a mistyped path fails before the model loads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # only the engine's thread may run torch multi-threaded (serving.py: Threads)
     device = inference_device(args.device)
     model, meta = load_for_inference(args.model_path, device, inference_dtype(args.dtype, device), args.lora_path,
                                      args.quantize)
     check_tokenizer(meta, args.tokenizer_path, args.model_path)
     name = args.model_name or os.path.basename(os.path.normpath(args.model_path)).removesuffix(".pth")
     # The engine decodes on its own thread with its own tokenizer; the routes encode prompts with this one.
-    engine = Engine(model, load_tokenizer(args.tokenizer_path), args.max_batch_size)
+    engine = Engine(model, load_tokenizer(args.tokenizer_path), args.max_batch_size, args.prefill_tokens, threads)
     quantized = f" ({args.quantize} weights)" if args.quantize != "none" else ""
     print(f"{args.model_path}: {meta.get('stage', 'unknown')} stage, {model.config.param_counts()[0]:,} parameters"
           f"{quantized}, context {model.config.max_seq_len}, on {device}; serving as '{name}', batches of up to "
           f"{args.max_batch_size} (KV cache {engine.cache_bytes / 2**20:.0f} MiB)", file=sys.stderr)
+    if device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and cpu_has_amx():
+        print("this CPU multiplies bfloat16 matrices in hardware (AMX): --dtype bfloat16 serves concurrent requests "
+              "much faster (README: Benchmarks, Serving)", file=sys.stderr)
     return create_app(engine, tokenizer, name, args.api_key, args.max_request_bytes, allowed_hosts(args))
 
 

@@ -60,14 +60,18 @@ def rope_frequencies(config):
     return inv_freq, 0.1 * math.log(factor) + 1.0
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_tables(angles, scale):
+    """cos and "signed sin" of (..., head_dim/2) rotary angles, each (..., head_dim), for apply_rope."""
+    sin = angles.sin() * scale
+    return torch.cat((angles, angles), dim=-1).cos() * scale, torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rope(x, cos, sin):
-    # x: (B, heads, T, head_dim); cos, sin: (T, head_dim)
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x, cos, signed_sin):
+    """Rotate each pair (x_i, x_{i+d/2}) of x (B, heads, T, d) by its angle; cos, signed_sin (T, d) from rope_tables.
+
+    The usual x·cos + rotate_half(x)·sin with rotate_half(x) = (-x2, x1), written as a roll by d/2 with the sign
+    moved into the table: the same numbers, one operation fewer, no concatenation (decoding runs it 2× per layer)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class KVCache:
@@ -204,13 +208,19 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config.dim, config.hidden_dim)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        x = x + dropout(h, self.dropout, self.training)
         h = self.mlp(self.post_attention_layernorm(x))
         h, aux = h if isinstance(h, tuple) else (h, None)
-        return x + self.dropout(h), aux
+        return x + dropout(h, self.dropout, self.training), aux
+
+
+def dropout(x, p, training):
+    """F.dropout, skipped outright where it is the identity (decoding would call it 3× per layer per token)."""
+    return F.dropout(x, p, training=True) if training and p > 0 else x
 
 
 class ModelOutput(NamedTuple):
@@ -224,7 +234,6 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.grad_checkpointing = False  # True: keep only each block's input, recompute the rest in backward
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -233,9 +242,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         inv_freq, scale = rope_frequencies(config)
         angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)  # (L, hd/2)
-        angles = torch.cat((angles, angles), dim=-1)                                             # (L, hd)
-        self.register_buffer("rope_cos", angles.cos() * scale, persistent=False)
-        self.register_buffer("rope_sin", angles.sin() * scale, persistent=False)
+        cos, signed_sin = rope_tables(angles, scale)                                             # (L, hd)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", signed_sin, persistent=False)
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * config.n_layers)  # keeps the residual stream's variance depth-independent
         for name, p in self.named_parameters():
@@ -259,11 +268,12 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}; "
                              f"RoPE has no positions beyond it (raise max_seq_len with rope_scaling to extend)")
         mask = self._attention_mask(B, T, past, attention_mask, input_ids.device)
-        cos, sin = self.rope_cos[past:past + T], self.rope_sin[past:past + T]  # (T, hd), broadcast over B, heads
-        x = self.dropout(self.embed_tokens(input_ids))
+        x = dropout(self.embed_tokens(input_ids), self.config.dropout, self.training)
+        cos = self.rope_cos[past:past + T].to(x.dtype)  # (T, hd), broadcast over B, heads
+        sin = self.rope_sin[past:past + T].to(x.dtype)
         aux = []
         for i, layer in enumerate(self.layers):
-            inputs = (x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, i)
+            inputs = (x, cos, sin, mask, cache, i)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Non-reentrant: works under DDP/FSDP hooks and replays the block's dropout masks exactly.
                 x, layer_aux = torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
@@ -284,12 +294,14 @@ class Transformer(nn.Module):
 
         RoPE scores depend only on relative positions, so a left-padded row needs no position shift, only a mask.
         """
+        if attention_mask is None and (past == 0 or T == 1):
+            return None
         slots = torch.arange(past, past + T, device=device)
         keys = torch.arange(past + T, device=device)
         causal = keys[None, :] <= slots[:, None]                                  # (T, S)
         if attention_mask is None:
             # A prefix in the cache needs an explicit mask: SDPA's is_causal aligns the query block to key 0.
-            return causal[None, None] if past > 0 and T > 1 else None
+            return causal[None, None]
         if attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
         # A padding query would see no key at all (softmax of nothing is NaN), so every query sees itself.
@@ -334,7 +346,8 @@ class Transformer(nn.Module):
             done |= torch.isin(nxt, stop)
             if done.all() or step == max_new_tokens - 1:
                 return
-            seen[~done, nxt[~done]] = True
+            if repetition_penalty != 1.0:
+                seen[~done, nxt[~done]] = True
             tokens = nxt.masked_fill(done, 0)[:, None]  # finished rows feed any valid id; their output is unused
             if attention_mask is not None:
                 attention_mask = torch.cat((attention_mask, attention_mask.new_ones(B, 1)), dim=1)

@@ -3,8 +3,11 @@
 How the scheduler works (Engine):
 
 - Requests wait in a queue. Between two decode steps the scheduler admits waiting requests, up to max_batch_size
-  active rows. A new request is prefilled alone, straight into its own row of the shared KV cache, and its first
-  token is sampled at once (that is the time to first token).
+  active rows: the ones waiting are prefilled together, left-padded to the longest prompt, in one forward straight
+  into their own rows of the shared KV cache, and each one's first token is sampled at once (that is the time to
+  first token). One forward over many prompts costs little more than over one (it reads the weights once), where
+  prefilling them one by one held every running request up for each. A group stops at prefill_tokens padded
+  tokens, so a burst of long prompts is admitted over several steps, with decode steps in between.
 - The shared cache holds one row per active request, right-aligned: all rows end at the same slot `length`, each
   row's tokens fill its last `cached` slots and the slots before them are left padding, masked out with
   attention_mask. RoPE scores depend only on relative positions, so left padding needs no position shift.
@@ -18,6 +21,12 @@ How the scheduler works (Engine):
 
 The model is not changed for any of this: the engine hands forward() a view of some rows of its cache that looks
 like a KVCache (forward uses only `length` and `update`).
+
+Threads: the scheduler thread runs the model with `threads` torch threads, and nothing else in the process should
+run torch multi-threaded (api_server loads the model with one). PyTorch's OpenMP (libgomp) keeps a team of worker
+threads for every thread that ever ran a parallel region, and once the process holds more of them than there are
+cores, the workers stop spinning between parallel regions and sleep: every one of decoding's ~1,000 small ops per
+token then waits for a worker to wake up (batch-1 decoding on 2 cores ran at 85 instead of 220 tokens/s).
 """
 if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
     raise SystemExit("serving.py is a library module, not a script: "
@@ -33,7 +42,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 from inference import IncrementalDecoder, Reply
-from model import DECODE_BACKENDS, KVCache, apply_rope, rope_frequencies
+from model import DECODE_BACKENDS, KVCache, apply_rope, rope_frequencies, rope_tables
 from tools import parse_tool_call
 from train_tokenizer import END_TOOL_CALL, TOOL_CALL
 
@@ -189,8 +198,10 @@ class CacheView:
 class Engine:
     """Owns the model; a background thread admits requests and decodes all active ones in one batch per step."""
 
-    def __init__(self, model, tokenizer, max_batch_size):
+    def __init__(self, model, tokenizer, max_batch_size, prefill_tokens=2048, threads=None):
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
+        self.threads = threads or torch.get_num_threads()  # torch threads of the scheduler thread
+        self.prefill_tokens = prefill_tokens  # padded prompt tokens per prefill forward (a longer prompt goes alone)
         self.config = model.config
         weight = next(model.parameters())
         self.device = weight.device
@@ -200,6 +211,7 @@ class Engine:
         self.rows = []           # active requests; rows[i] owns cache row i
         self.length = 0          # slots filled in every row (the right end of the right-aligned rows)
         self.waiting = queue.Queue()
+        self.held = None         # taken from the queue but left out of a full prefill group: it starts the next one
         self.thread = None
         self.stopping = threading.Event()
         self.failure = None      # why the scheduler thread died, if it did
@@ -232,7 +244,7 @@ class Engine:
 
     @property
     def queued(self):
-        return self.waiting.qsize()
+        return self.waiting.qsize() + (self.held is not None)
 
     @property
     def alive(self):
@@ -247,15 +259,16 @@ class Engine:
     def stop(self):
         self.stopping.set()
         self.thread.join()
-        for request in self.rows + list(self.waiting.queue):
+        for request in self.rows + [self.held] * (self.held is not None) + list(self.waiting.queue):
             request.sink([("error", "the server is shutting down")])
-        self.rows = []
+        self.rows, self.held = [], None
 
     # ---------------------------------------------------------------------------------------- the scheduler loop
 
     def _run(self):
         """The scheduler loop. A failure outside one request's work (_guarded) ends the thread: it is logged,
         kept in self.failure for /health, and every active or waiting request gets it as its error."""
+        torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode(), sdpa_kernel(DECODE_BACKENDS):
                 while not self.stopping.is_set():
@@ -273,22 +286,37 @@ class Engine:
 
     def _fail_waiting(self):
         """Answer every waiting request with the failure that ended the scheduler thread."""
-        while True:
-            try:
-                request = self.waiting.get_nowait()
-            except queue.Empty:
-                return
+        while (request := self._next_waiting(block=False)) is not None:
             request.sink([("error", f"the engine stopped: {self.failure}")])
 
     def _admit(self):
-        """Prefill waiting requests into free rows; when nothing is active, wait (briefly) for one."""
-        while len(self.rows) < self.max_batch_size:
-            try:
-                request = self.waiting.get(timeout=0.05) if not self.rows else self.waiting.get_nowait()
-            except queue.Empty:
-                return
-            if not request.cancelled:
-                self._guarded([request], lambda: self._prefill(request))
+        """Prefill waiting requests into free rows, as many as fit in one forward of prefill_tokens padded tokens;
+        when nothing is active, wait (briefly) for one."""
+        group, longest = [], 0
+        while len(self.rows) + len(group) < self.max_batch_size:
+            request = self._next_waiting(block=not (self.rows or group))
+            if request is None:
+                break
+            if request.cancelled:
+                continue
+            n = max(longest, len(request.prompt_ids))
+            if group and n * (len(group) + 1) > self.prefill_tokens:
+                self.held = request
+                break
+            group.append(request)
+            longest = n
+        if group:
+            self._guarded(group, lambda: self._prefill(group))
+
+    def _next_waiting(self, block):
+        """The held request, else the queue's next one (waiting up to 50 ms if block), else None."""
+        request, self.held = self.held, None
+        if request is not None:
+            return request
+        try:
+            return self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
+        except queue.Empty:
+            return None
 
     def _guarded(self, requests, work):
         """Run work(); if it raises, the requests it served get the error (and are dropped), the server goes on."""
@@ -300,26 +328,32 @@ class Engine:
                 request.sink([("error", f"generation failed: {type(e).__name__}: {e}")])
             self._drop([i for i, r in enumerate(self.rows) if r in requests])
 
-    def _prefill(self, request):
-        """Run the prompt into a new row that ends at the batch's right end; sample its first token."""
-        n = len(request.prompt_ids)
+    def _prefill(self, group):
+        """Run the group's prompts, left-padded to the longest, into new rows that end at the batch's right end (one
+        forward for all); sample each one's first token."""
+        lengths = [len(r.prompt_ids) for r in group]
+        longest = max(lengths)
         if not self.rows:
             self.length = 0
-        if n > self.length:
-            self._shift(n - self.length)
-        row, start = len(self.rows), self.length - n
-        view = CacheView(self.cache, slice(row, row + 1), start)
-        self.mask[row] = False
-        self.mask[row, start:self.length] = True
-        attention_mask = self.mask[row:row + 1, :self.length] if start else None
-        ids = torch.tensor([request.prompt_ids], device=self.device)
-        if request.repetition_penalty != 1.0:
-            request.seen = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.device)
-            request.seen[ids[0]] = True
-        logits = self.model(ids, cache=view, attention_mask=attention_mask, last_only=True).logits[:, -1]
-        request.cached = n
-        self.rows.append(request)
-        self._deliver([request], sample(logits, [request]))
+        if longest > self.length:
+            self._shift(longest - self.length)
+        first, start, end = len(self.rows), self.length - longest, self.length
+        rows = slice(first, first + len(group))
+        ids = torch.zeros(len(group), longest, dtype=torch.long)  # padding: any valid id, masked out
+        self.mask[rows] = False
+        for i, (request, n) in enumerate(zip(group, lengths)):
+            ids[i, longest - n:] = torch.tensor(request.prompt_ids)
+            self.mask[first + i, end - n:end] = True
+            if request.repetition_penalty != 1.0:
+                request.seen = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.device)
+                request.seen[request.prompt_ids] = True
+            request.cached = n
+        padded = start > 0 or min(lengths) < longest
+        attention_mask = self.mask[rows, :end] if padded else None
+        view = CacheView(self.cache, rows, start)
+        logits = self.model(ids.to(self.device), cache=view, attention_mask=attention_mask, last_only=True).logits
+        self.rows.extend(group)
+        self._deliver(group, sample(logits[:, -1], group))
 
     def _step(self):
         """One batched forward: every row's last sampled token in, every row's next token out."""
@@ -379,10 +413,9 @@ class Engine:
         B, L = len(self.rows), self.length
         src = slice(max(-d, 0), L)
         dst = slice(max(-d, 0) + d, L + d)
-        angles = torch.cat([d * self.inv_freq] * 2).float().to(self.device)   # (head_dim,)
-        cos, sin = angles.cos(), angles.sin()
+        cos, signed_sin = rope_tables((d * self.inv_freq).float().to(self.device), 1.0)   # (head_dim,)
         for k, v in zip(self.cache.keys, self.cache.values):
-            k[:B, :, dst] = apply_rope(k[:B, :, src].float(), cos, sin).to(k.dtype)
+            k[:B, :, dst] = apply_rope(k[:B, :, src].float(), cos, signed_sin).to(k.dtype)
             v[:B, :, dst] = v[:B, :, src].clone()
         self.mask[:B, dst] = self.mask[:B, src].clone()
         if d > 0:

@@ -5,9 +5,10 @@
 Both run greedy decoding of exactly --new_tokens tokens (EOS stopping off for both) from the same random prompt, on
 the same weights: the model (random init, or --model_path) is exported with export_hf.py and loaded back with
 `AutoModelForCausalLM.from_pretrained`. Prefill = the first new token (prompt forward + one step); decode = every
-later token. Runs alternate ours / transformers after a warm-up run; the table shows medians and the ratio.
---compile adds our model compiled as eval_model.py --compile does (model.compile_for_decoding); its warm-up run
-compiles it.
+later token. Runs alternate ours / transformers after a warm-up run; the table shows each one's median with the
+min–max over the runs, the ratio of medians, and the load average before and after (other work on the machine
+shows up there, not silently in the figures). --compile adds our model compiled as eval_model.py --compile does
+(model.compile_for_decoding); its warm-up run compiles it.
 """
 import argparse
 import copy
@@ -77,8 +78,8 @@ def run_hf(hf, prompt, new_tokens):
 
 
 def measure(impls, batch, args):
-    """Median prefill/decode tokens/s of each implementation over args.runs alternating runs (after a warm-up, which
-    also compiles the compiled model), and whether each gave transformers' tokens."""
+    """Prefill/decode tokens/s of each implementation as (median, min, max) over args.runs alternating runs (after a
+    warm-up, which also compiles the compiled model), and whether each gave transformers' tokens."""
     prompt = torch.randint(0, args.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
     results, tokens = {name: [] for name in impls}, {}
     with torch.no_grad():
@@ -90,9 +91,10 @@ def measure(impls, batch, args):
                 if run > 0:
                     results[name].append(result)
     same = {name: torch.equal(t, tokens["transformers"]) for name, t in tokens.items()}
-    medians = {name: {k: statistics.median(r[k] for r in runs) for k in ("prefill", "decode")}
-               for name, runs in results.items()}
-    return medians, same
+    spread = {name: {k: (statistics.median(v), min(v), max(v)) for k in ("prefill", "decode")
+                     for v in [[r[k] for r in runs]]}
+              for name, runs in results.items()}
+    return spread, same
 
 
 def build_models(args, workdir):
@@ -137,18 +139,21 @@ def main(argv=None):
 
 def report(config, impls, args):
     import transformers
+    load_before = os.getloadavg()[0]
+    rows = [(batch, *measure(impls, batch, args)) for batch in args.batch_sizes]
     print(f"\n{args.model_path or args.preset + ' preset'} ({describe(config)}), {args.dtype}, prompt "
-          f"{args.prompt_len} + {args.new_tokens} new tokens, greedy, median of {args.runs} runs, cpu, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")
-    print("| batch | impl | prefill tok/s | decode tok/s | decode vs HF | prefill vs HF | same tokens as HF |")
+          f"{args.prompt_len} + {args.new_tokens} new tokens, greedy, median (min–max) of {args.runs} runs, cpu, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print("| batch | impl | prefill tok/s | decode tok/s (min–max) | decode vs HF | prefill vs HF | same tokens as HF |")
     print("|---:|---|---:|---:|---:|---:|---|")
-    for batch in args.batch_sizes:
-        medians, same = measure(impls, batch, args)
-        theirs = medians["transformers"]
-        for name, r in medians.items():
+    for batch, spread, same in rows:
+        theirs = spread["transformers"]
+        for name, r in spread.items():
             ratios = " | " if name == "transformers" else \
-                f"{r['decode'] / theirs['decode']:.2f}× | {r['prefill'] / theirs['prefill']:.2f}×"
-            print(f"| {batch} | {name} | {r['prefill']:,.0f} | {r['decode']:,.1f} | {ratios} | {same[name]} |")
+                f"{r['decode'][0] / theirs['decode'][0]:.2f}× | {r['prefill'][0] / theirs['prefill'][0]:.2f}×"
+            decode = "{:,.1f} ({:,.1f}–{:,.1f})".format(*r["decode"])
+            print(f"| {batch} | {name} | {r['prefill'][0]:,.0f} | {decode} | {ratios} | {same[name]} |")
 
 
 if __name__ == "__main__":

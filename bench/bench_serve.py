@@ -6,8 +6,11 @@ Two servers run on loopback with the same weights (random init of --preset, or -
 to max(--clients) requests together, "sequential" has --max_batch_size 1 (each request waits for the previous one,
 as a server without batching does). For each K, K clients send streaming chat requests at once (sampling at
 temperature 1, so every reply is different); the runs alternate batched / sequential. Reported: generated tokens
-per second of wall time over all clients (usage.completion_tokens from the stream), time to first token p50/p95
-(request sent → first content chunk), and the batched/sequential throughput ratio.
+per second of wall time over all clients (usage.completion_tokens from the stream), as the median with the
+min–max over the rounds; time to first token p50/p95 (request sent → first content chunk) over all requests of
+all rounds; the batched throughput against one stream (the batched server's 1-client median) and against the
+sequential server; and the load average before and after. The clients run on the same machine as the servers
+and read each stream as lightly as they can (a chunk is parsed only until the first content and for the usage).
 """
 import argparse
 import asyncio
@@ -41,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--max_tokens", type=int, default=32, help="tokens per reply")
     p.add_argument("--rounds", type=int, default=2, help="runs per (K, server); TTFT percentiles pool them")
     p.add_argument("--device", default="cpu", help="the servers' --device")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the servers' --dtype")
     return p.parse_args(argv)
 
 
@@ -63,7 +67,7 @@ def start_server(args, model_path, max_batch_size):
     port = free_port()
     cmd = [sys.executable, os.path.join(ROOT, "api_server.py"), "--model_path", model_path, "--tokenizer_path",
            args.tokenizer_path, "--port", str(port), "--max_batch_size", str(max_batch_size), "--device",
-           args.device, "--log_level", "warning"]
+           args.device, "--dtype", args.dtype, "--log_level", "warning"]
     process = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -85,7 +89,7 @@ async def one_request(client, url, i, max_tokens):
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if not line.startswith("data: ") or line == "data: [DONE]" or (first and '"usage"' not in line):
                 continue
             chunk = json.loads(line[len("data: "):])
             if chunk.get("usage"):
@@ -111,6 +115,7 @@ def percentile_ms(values, q):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model_path = args.model_path or random_checkpoint(args.preset, args.tokenizer_path, tmp)
         servers = {"batched": start_server(args, model_path, max(args.clients)),
@@ -138,16 +143,20 @@ def main(argv=None):
 
 def print_table(args, rows):
     model = args.model_path or f"random `{args.preset}`"
-    print(f"\n{model}, {args.max_tokens} tokens per reply, {args.rounds} rounds, device {args.device}; "
-          f"tokens/s = median over rounds, TTFT over all requests\n")
-    print("| clients | batched tok/s | sequential tok/s | ratio | TTFT p50 / p95 batched (ms) | "
-          "TTFT p50 / p95 sequential (ms) |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n{model}, {args.max_tokens} tokens per reply, {args.rounds} rounds, {args.device} {args.dtype}, "
+          f"{os.cpu_count()} cpus, load average {args.load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
+          f"tokens/s = median (min–max) over rounds, TTFT over all requests\n")
+    one = next((float(np.median(speed["batched"])) for k, speed, _ in rows if k == 1), None)
+    print("| clients | batched tok/s | sequential tok/s | batched vs one stream | batched vs sequential | "
+          "TTFT p50 / p95 batched (ms) | TTFT p50 / p95 sequential (ms) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for k, speed, ttft in rows:
         b, s = float(np.median(speed["batched"])), float(np.median(speed["sequential"]))
-        print(f"| {k} | {b:.1f} | {s:.1f} | {b / s:.2f}x | {percentile_ms(ttft['batched'], 50):.0f} / "
-              f"{percentile_ms(ttft['batched'], 95):.0f} | {percentile_ms(ttft['sequential'], 50):.0f} / "
-              f"{percentile_ms(ttft['sequential'], 95):.0f} |")
+        vs_one = f"{b / one:.1f}×" if one else ""
+        print(f"| {k} | {b:.1f} ({min(speed['batched']):.1f}–{max(speed['batched']):.1f}) | {s:.1f} "
+              f"({min(speed['sequential']):.1f}–{max(speed['sequential']):.1f}) | {vs_one} | {b / s:.2f}× | "
+              f"{percentile_ms(ttft['batched'], 50):.0f} / {percentile_ms(ttft['batched'], 95):.0f} | "
+              f"{percentile_ms(ttft['sequential'], 50):.0f} / {percentile_ms(ttft['sequential'], 95):.0f} |")
 
 
 if __name__ == "__main__":

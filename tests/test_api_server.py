@@ -64,23 +64,27 @@ def scripted_model(tokenizer, script, first, context=CONTEXT):
 
 
 class Watched(torch.nn.Module):
-    """A model that counts its forward calls and the widest batch it saw, keeps the prompts it prefilled, and is
-    optionally slowed down per call (prefill_delay: per prefill)."""
+    """A model that counts its forward calls and the widest batch it saw, keeps the prompts it prefilled (each row
+    without its padding) and the shape of each prefill, and is optionally slowed down per call (prefill_delay: per
+    prefill)."""
 
     def __init__(self, model, delay=0.0, prefill_delay=0.0):
         super().__init__()
         self.inner, self.config, self.delay, self.prefill_delay = model, model.config, delay, prefill_delay
         self.calls = self.widest = 0
-        self.prompts = []
+        self.prompts, self.prefills = [], []
 
-    def forward(self, input_ids, **kwargs):
+    def forward(self, input_ids, attention_mask=None, **kwargs):
         self.calls += 1
         self.widest = max(self.widest, input_ids.shape[0])
         if input_ids.shape[1] > 1:
-            self.prompts.append(input_ids[0].tolist())
+            self.prefills.append(tuple(input_ids.shape))
+            real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else \
+                attention_mask[:, -input_ids.shape[1]:].bool()
+            self.prompts += [row[keep].tolist() for row, keep in zip(input_ids, real)]
             time.sleep(self.prefill_delay)
         time.sleep(self.delay)
-        return self.inner(input_ids, **kwargs)
+        return self.inner(input_ids, attention_mask=attention_mask, **kwargs)
 
 
 def stops(tokenizer):
@@ -544,12 +548,12 @@ def test_cli_flags(saved, monkeypatch, capsys):
     monkeypatch.setenv(api_server.KEY_ENV, "from-env")
     args = api_server.parse_args(["--model_path", saved["path"]])
     assert (args.api_key, args.host, args.port, args.workers) == ("from-env", "127.0.0.1", 8080, 1)
-    assert args.max_request_bytes == 2**20
+    assert args.max_request_bytes == 2**20 and args.prefill_tokens == 2048
     for flag, value, message in [("--model_path", "no/such.pth", "no such checkpoint"),
                                  ("--max_batch_size", "0", "must be >= 1"), ("--workers", "0", "must be >= 1"),
                                  ("--port", "0", "must be >= 1"), ("--port", "70000", "must be <= 65535"),
                                  ("--port", "http", "expected an integer"), ("--max_request_bytes", "-5", ">= 1"),
-                                 ("--workers", "nan", "expected an integer")]:
+                                 ("--workers", "nan", "expected an integer"), ("--prefill_tokens", "0", ">= 1")]:
         argv = ["--model_path", saved["path"]] + [flag, value] if flag != "--model_path" else [flag, value]
         with pytest.raises(SystemExit) as excinfo:
             api_server.parse_args(argv)
@@ -722,6 +726,31 @@ def test_batched_greedy_equals_alone_including_cache_shifts(tokenizer, monkeypat
         assert events[-1] == ("finish", "length", max_tokens)
         assert "".join(text for _, text in events[:-1]) == tokenizer.decode(expected, skip_special_tokens=False)
     assert any(d > 0 and rows > 0 for d, rows in shifts) and any(d < 0 for d, _ in shifts), shifts
+
+
+def test_waiting_requests_are_prefilled_together_up_to_prefill_tokens(tokenizer):
+    """Requests waiting at an admission share one prefill forward, left-padded to the longest prompt, as long as
+    rows × longest stays within prefill_tokens (the next one starts the next group, after a decode step); every
+    reply still equals model.generate's alone."""
+    watched = Watched(tiny_model(len(tokenizer), seed=3))
+    engine = Engine(watched, tokenizer, max_batch_size=8, prefill_tokens=100)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(8, len(tokenizer)) for _ in range(n)] for n in (30, 10, 20, 40, 5, 5, 30, 12)]
+    replies = [[] for _ in prompts]
+    for prompt, events in zip(prompts, replies):  # all queued before the scheduler starts
+        engine.submit(prompt, 12, events.extend, chat=False, temperature=0)
+    engine.start()
+    deadline = time.time() + 30
+    while not all(events and events[-1][0] == "finish" for events in replies) and time.time() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    # 3 × 30 ≤ 100 < 4 × 40, then 2 × 40 ≤ 100 < 3 × 40, then 3 × 30.
+    assert watched.prefills == [(3, 30), (2, 40), (3, 30)]
+    assert watched.prompts == prompts
+    for prompt, events in zip(prompts, replies):
+        expected = greedy(watched.inner, prompt, 12, [])
+        assert events[-1] == ("finish", "length", 12)
+        assert "".join(text for _, text in events[:-1]) == tokenizer.decode(expected, skip_special_tokens=False)
 
 
 def test_concurrent_requests_share_forward_passes_up_to_max_batch_size(tokenizer):

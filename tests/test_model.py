@@ -6,8 +6,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from Config import LLMConfig
-from model import (KVCache, MoEFeedForward, Transformer, compile_for_decoding, process_logits,
-                   weighted_cross_entropy)
+from model import (KVCache, MoEFeedForward, Transformer, apply_rope, compile_for_decoding, process_logits,
+                   rope_frequencies, weighted_cross_entropy)
 
 
 def small_config(**kw):
@@ -130,6 +130,41 @@ def test_greedy_generate_matches_uncached_argmax_and_stream():
     streamed = torch.stack(list(model.generate_stream(prompt, 12, temperature=0)), dim=1)
     assert torch.equal(streamed, expected)
     assert torch.equal(model.generate(prompt, 12, temperature=1.0, top_k=1), expected)
+
+
+def test_rope_without_concatenation_is_bitwise_the_rotate_half_formula():
+    """apply_rope rolls x by half a head and keeps the sign in the sin table: decoding's cheaper form must give
+    exactly the numbers of Llama's x·cos + rotate_half(x)·sin, so training and greedy tokens do not change."""
+    model = make_model(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    d = model.config.head_dim
+    angles = torch.outer(torch.arange(64, dtype=torch.float32), rope_frequencies(model.config)[0])
+    scale = rope_frequencies(model.config)[1]
+    cos, sin = (torch.cat((angles, angles), dim=-1).cos() * scale, torch.cat((angles, angles), dim=-1).sin() * scale)
+    assert torch.equal(model.rope_cos, cos)
+    x = torch.randn(2, 4, 64, d)
+    rotate_half = torch.cat((-x[..., d // 2:], x[..., :d // 2]), dim=-1)
+    assert torch.equal(apply_rope(x, model.rope_cos, model.rope_sin), x * cos + rotate_half * sin)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_greedy_decode_gives_transformers_tokens(padded):
+    """Our cached greedy decode and LlamaForCausalLM.generate pick the same 40 tokens (a mismatch is allowed only
+    at an exact tie between the top two logits)."""
+    model = make_model(seed=5, max_seq_len=64)
+    hf = to_llama(model)
+    prompt = torch.randint(0, 97, (2, 8))
+    mask = torch.ones_like(prompt)
+    if padded:
+        mask[1, :3] = 0
+    ours = model.generate(prompt, 40, attention_mask=mask, temperature=0)
+    theirs = hf.generate(prompt, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[:, 8:]
+    for row in range(2):
+        if not torch.equal(ours[row], theirs[row]):
+            t = int((ours[row] != theirs[row]).nonzero()[0])
+            ids = torch.cat((prompt[row:row + 1], ours[row:row + 1, :t]), dim=1)[:, int((mask[row] == 0).sum()):]
+            top2 = model(ids).logits[0, -1].topk(2).values
+            assert top2[0] - top2[1] < 1e-5, f"row {row} differs at token {t}, not at a tie"
 
 
 def test_compiled_generation_equals_eager_without_recompiling_per_step():
