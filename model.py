@@ -219,7 +219,7 @@ class Block(nn.Module):
 
 
 def dropout(x, p, training):
-    """F.dropout, skipped outright where it is the identity (decoding would call it 3× per layer per token)."""
+    """F.dropout, skipped outright where it is the identity (decoding would call it twice per layer per token)."""
     return F.dropout(x, p, training=True) if training and p > 0 else x
 
 
