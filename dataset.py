@@ -924,12 +924,12 @@ def collate_dpo(items, pad_id):
 class LengthBucketBatches:
     """Batches of similar-length items, deterministic for (seed, epoch), so that padding stays small.
 
-    Per epoch: shuffle all indices, take chunks of `chunk_batches` batches, sort each chunk by length, cut it into
-    batches, group every `world_size` neighbouring (similar-length) batches into one step, and shuffle the steps.
-    Rank r gets batch r of every step, so all ranks run the same number of steps on similar lengths. Remainder:
-    with world_size > 1 the last len(batches) % world_size batches (at most world_size - 1, a random set each epoch
-    when shuffling) sit the epoch out; with world_size 1 every index appears exactly once, the last batch may be
-    smaller. Resume at batch k with batches(epoch)[k:].
+    Per epoch: shuffle all indices, take chunks of `chunk_batches` global batches (batch_size × world_size items),
+    sort each chunk by length, cut it into global batches and shuffle them; rank r takes slice r of every global
+    batch. So N processes see exactly the batches of one process with N× the batch size (what lets a run resume on
+    another number of processes). Remainder: with world_size > 1 a last global batch that is not full sits the
+    epoch out (a random set of items each epoch when shuffling); with world_size 1 every index appears exactly once,
+    the last batch may be smaller. Resume at batch k with batches(epoch)[k:].
     """
 
     def __init__(self, lengths, batch_size, seed=0, rank=0, world_size=1, shuffle=True, chunk_batches=100):
@@ -943,19 +943,22 @@ class LengthBucketBatches:
         """This rank's batches (lists of item indices) for `epoch`."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
-        chunk, all_batches = self.batch_size * self.chunk_batches, []
+        size = self.batch_size * self.world_size
+        chunk, global_batches = size * self.chunk_batches, []
         for start in range(0, len(order), chunk):
             idx = order[start:start + chunk]
             idx = idx[np.argsort(self.lengths[idx], kind="stable")]
-            all_batches += [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
-        n_steps = len(all_batches) // self.world_size
-        steps = rng.permutation(n_steps) if self.shuffle else np.arange(n_steps)
-        return [all_batches[s * self.world_size + self.rank].tolist() for s in steps]
+            global_batches += [idx[i:i + size] for i in range(0, len(idx), size)]
+        steps = rng.permutation(len(global_batches)) if self.shuffle else np.arange(len(global_batches))
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return [global_batches[s][mine].tolist() for s in steps
+                if self.world_size == 1 or len(global_batches[s]) == size]
 
     def __len__(self):
         """Batches per epoch on each rank."""
-        n_batches = -(-len(self.lengths) // self.batch_size)
-        return n_batches // self.world_size
+        if self.world_size == 1:
+            return -(-len(self.lengths) // self.batch_size)
+        return len(self.lengths) // (self.batch_size * self.world_size)
 
 
 def pad_fraction(lengths, batches):

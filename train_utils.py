@@ -483,14 +483,11 @@ def data_identity(data, eval_data):
 
 
 def bucketed_plan(data, args, rt):
-    """Batches of similar-length conversations (little padding), deterministic per (seed, epoch): global batches of
-    batch_size × world_size, of which rank r takes slice r, so that (as with shuffled_batches) N processes see
-    exactly the batches of one process with N× the batch size. A last global batch that is not full sits out the
-    epoch (a different set of conversations each epoch)."""
-    global_batch = args.batch_size * rt.world_size
-    buckets = LengthBucketBatches(data.lengths, global_batch, args.seed)
-    mine = slice(rt.rank * args.batch_size, (rt.rank + 1) * args.batch_size)
-    return BatchPlan(lambda epoch: [b[mine] for b in buckets.batches(epoch) if len(b) == global_batch], args.epochs)
+    """Batches of similar-length conversations (little padding), deterministic per (seed, epoch); as with
+    shuffled_batches, N processes see exactly the batches of one process with N× the batch size (see
+    LengthBucketBatches). A last global batch that is not full sits the epoch out, on one process too."""
+    buckets = LengthBucketBatches(data.lengths, args.batch_size, args.seed, rt.rank, rt.world_size)
+    return BatchPlan(lambda epoch: [b for b in buckets.batches(epoch) if len(b) == args.batch_size], args.epochs)
 
 
 def eval_indices(n_items, batch_size, rt, max_batches):
