@@ -14,7 +14,13 @@ Exact match (GSM8K style): {"question": str, "answer": str} or {"conversations":
 assistant turn]} (a top-level "answer" field, if present, is the reference instead). The model answers greedily;
 the <answer>…</answer> content (else the text after "####", else the last number, else the reply) is compared with
 the reference's after normalisation (NFKC, strip, lowercase, no thousands commas, no "$", "%" or final ".",
-numbers canonical: "18.0" → "18").
+numbers canonical: "18.0" → "18"). --samples K also samples K replies per item at --temperature and reports
+sampled_accuracy (the share of all K·items replies that are right: what a user sampling at that temperature gets,
+and the expected reward RL maximises) and pass_at_k (the share of items with at least one right reply). Each
+sampled reply draws from its own random stream keyed by (--seed, file line, sample number), so the figures do not
+depend on --batch_size.
+
+    python eval_bench.py --model_path results/grpo_final.pth --data_path reasoning_eval.jsonl --samples 8
 
 Prompts: chat models (every stage but pretrain) get the question as a user message in the ChatML template; a
 pretrained model gets "Question: …\\nAnswer:" (--template overrides). The task kind is read off each file's first
@@ -27,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import check_tokenizer
-from cli import POSITIVE_INT, ArgumentParser, UserError, run_main
+from cli import NONNEG_INT, POSITIVE, POSITIVE_INT, ArgumentParser, UserError, run_main
 from dataset import DataError, encode_text, load_tokenizer
-from inference import (DTYPES, MODES, checkpoint_path, device_flag, encode_prompt, encode_raw, inference_device,
-                       inference_dtype, load_for_inference, stop_ids)
+from inference import (DTYPES, MODES, checkpoint_path, device_flag, encode_prompt, encode_raw, generate_batch,
+                       inference_device, inference_dtype, load_for_inference, sample_batch, stop_ids)
 from rewards import extract_answer, normalize_answer
 from train_utils import ROOT
 
@@ -195,63 +201,60 @@ def evaluate_choice(model, tokenizer, path, template="chat", batch_size=16, max_
 
 # ---------------------------------------------------------------------------------------------------- exact match
 
-@torch.no_grad()
-def generate_batch(model, tokenizer, prompts, max_new_tokens, stops):
-    """Greedy replies (text, special tokens kept) to several prompt id lists, left-padded into one batch."""
-    pad_id = tokenizer.pad_token_id
-    length = max(len(p) for p in prompts)
-    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - length)
-    if max_new_tokens < 1:
-        raise ValueError(f"a prompt of {length} tokens leaves no room to answer in max_seq_len "
-                         f"{model.config.max_seq_len}")
-    ids = torch.tensor([[pad_id] * (length - len(p)) + list(p) for p in prompts])
-    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
-    device = model.embed_tokens.weight.device
-    out = model.generate(ids.to(device), max_new_tokens, attention_mask=mask.to(device), temperature=0.0,
-                         stop_ids=stops, pad_id=pad_id)
-    replies = []
-    for row in out.tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), len(row))
-        replies.append(tokenizer.decode(row[:end], skip_special_tokens=False))
-    return replies
-
-
 def evaluate_exact(model, tokenizer, path, template="chat", batch_size=16, max_samples=None, max_new_tokens=256,
-                   predictions=None):
-    """Exact-match accuracy of greedy answers over a question/answer file."""
+                   predictions=None, samples=0, temperature=1.0, seed=0):
+    """Exact-match accuracy of greedy answers over a question/answer file; with samples > 0 also the accuracy of
+    that many sampled replies per item at temperature (sampled_accuracy) and pass_at_k."""
     parsed = items(path, exact_item, max_samples)
     prompts = [question_ids(tokenizer, messages, template) for _, (messages, _) in parsed]
     order = sorted(range(len(parsed)), key=lambda i: len(prompts[i]))  # similar lengths batch with little padding
-    replies = [""] * len(parsed)
+    replies, sampled = [""] * len(parsed), [[] for _ in parsed]
     stops = stop_ids(tokenizer, raw=template == "raw")
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        for i, reply in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens,
-                                                  stops)):
+        batch_prompts = [prompts[i] for i in batch]
+        for i, reply in zip(batch, generate_batch(model, tokenizer, batch_prompts, max_new_tokens, stops)):
             replies[i] = reply
-    correct = 0
-    for (line_no, (_, reference)), reply in zip(parsed, replies):
+        if samples:
+            keys = [f"eval_bench-{seed}-{parsed[i][0]}" for i in batch]
+            for i, texts in zip(batch, sample_batch(model, tokenizer, batch_prompts, max_new_tokens, stops, samples,
+                                                    temperature, keys)):
+                sampled[i] = texts
+    correct, sampled_right, any_right = 0, 0, 0
+    for (line_no, (_, reference)), reply, texts in zip(parsed, replies, sampled):
         expected, got = normalize_answer(extract_answer(reference)), normalize_answer(extract_answer(reply))
+        right = sum(normalize_answer(extract_answer(t)) == expected for t in texts)
         correct += expected == got
+        sampled_right += right
+        any_right += right > 0
         if predictions is not None:
             predictions.append({"file": path, "line": line_no, "reference": expected, "prediction": got,
-                                "reply": reply, "correct": expected == got})
+                                "reply": reply, "correct": expected == got,
+                                **({"samples_right": right} if samples else {})})
     n = len(parsed)
-    return {"file": path, "kind": "exact", "items": n, "accuracy": correct / max(n, 1)}
+    metrics = {"file": path, "kind": "exact", "items": n, "accuracy": correct / max(n, 1)}
+    if samples:
+        metrics.update(samples=samples, temperature=temperature, sampled_accuracy=sampled_right / max(n * samples, 1),
+                       pass_at_k=any_right / max(n, 1))
+    return metrics
 
 
 def evaluate_file(model, tokenizer, path, kind="auto", template="chat", batch_size=16, max_samples=None,
-                  max_new_tokens=256, predictions=None):
+                  max_new_tokens=256, predictions=None, samples=0, temperature=1.0, seed=0):
     """Metrics of one benchmark file; kind "auto" reads it off the first record. predictions (a list) collects one
-    dict per item."""
+    dict per item. samples > 0 (exact-match files only) adds the sampled metrics."""
     if kind == "auto":
         first = next(read_records(path), None)
         if first is None:
             raise DataError(f"{path}: no records")
         kind = task_kind(first[1])
     if kind == "choice":
+        if samples:
+            raise UserError(f"{path} is multiple choice, scored by likelihood: --samples applies to exact-match "
+                            f"files only; leave it out for this file")
         return evaluate_choice(model, tokenizer, path, template, batch_size, max_samples, predictions)
-    return evaluate_exact(model, tokenizer, path, template, batch_size, max_samples, max_new_tokens, predictions)
+    return evaluate_exact(model, tokenizer, path, template, batch_size, max_samples, max_new_tokens, predictions,
+                          samples, temperature, seed)
 
 
 # -------------------------------------------------------------------------------------------------------- the CLI
@@ -271,6 +274,10 @@ def parse_args(argv=None):
     a("--max_samples", type=POSITIVE_INT, default=None,
       help="evaluate only the first N items of each file (default: all)")
     a("--max_new_tokens", type=POSITIVE_INT, default=256, help="exact-match answer length cap")
+    a("--samples", type=NONNEG_INT, default=0,
+      help="exact match: also sample this many replies per item and report sampled_accuracy and pass_at_k")
+    a("--temperature", type=POSITIVE, default=1.0, help="the sampling temperature of --samples")
+    a("--seed", type=NONNEG_INT, default=0, help="keys the random streams of --samples")
     a("--output_file", default=None, help="write all metrics here as JSON")
     a("--predictions_file", default=None, help="write one JSON line per item (what the model picked or said)")
     a("--tokenizer_path", default=os.path.join(ROOT, "tokenizer"), help="the tokenizer the model was trained with")
@@ -301,13 +308,17 @@ def evaluate_all(model, tokenizer, args, template, predictions):
     for data_path in args.data_path:
         try:
             metrics = evaluate_file(model, tokenizer, data_path, args.kind, template, args.batch_size,
-                                    args.max_samples, args.max_new_tokens, predictions)
+                                    args.max_samples, args.max_new_tokens, predictions, args.samples,
+                                    args.temperature, args.seed)
         except DataError:  # already names the file and line
             raise
         except ValueError as e:  # an item that does not fit the model (a choice or prompt too long)
             raise UserError(f"{data_path}: {e}") from None
         results.append(metrics)
         norm = f", accuracy_norm {metrics['accuracy_norm']:.4f}" if "accuracy_norm" in metrics else ""
+        if "sampled_accuracy" in metrics:
+            norm += (f", sampled_accuracy {metrics['sampled_accuracy']:.4f} and pass@{args.samples} "
+                     f"{metrics['pass_at_k']:.4f} ({args.samples} replies per item at temperature {args.temperature:g})")
         print(f"{data_path} ({metrics['kind']}, {metrics['items']} items): accuracy {metrics['accuracy']:.4f}{norm}")
     return results
 

@@ -1,12 +1,13 @@
 """Inference shared by the scripts that run a trained model: eval_model.py (chat), api_server.py and serving.py
-(the server), eval_bench.py, eval_ppl.py and pipeline.py (scoring).
+(the server), eval_bench.py, eval_ppl.py and pipeline.py (scoring), grpo.py (rollouts).
 
     from inference import load_for_inference, encode_prompt, Reply, generate_pieces
 
 Finding a checkpoint (--model_mode / --model_path, with the nearby ones listed when it is missing), loading it for
 inference (LoRA merged, optionally quantised), prompt encoding (chat template or raw continuation, history trimmed
-to the context), and turning generated token ids into text incrementally: reasoning set apart from the answer,
-multi-byte characters never cut.
+to the context), turning generated token ids into text incrementally (reasoning set apart from the answer,
+multi-byte characters never cut), and batched generation for scoring and RL: greedy replies to many prompts
+(generate_batch) and groups of sampled replies, each from its own random stream (generate_group, sample_batch).
 """
 if __name__ == "__main__":  # before the imports: a library module answers at once, not after torch loads
     raise SystemExit("inference.py is a library module, not a script: chat with eval_model.py, serve with "
@@ -14,16 +15,19 @@ if __name__ == "__main__":  # before the imports: a library module answers at on
 import argparse
 import glob
 import os
+import random
 import re
 import shlex
 import time
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 from checkpoint import LATEST, STAGE_SCRIPTS, load_model, read_weights
 from cli import UserError
 from dataset import encode_chat, encode_text
 from lora import load_lora, merge_lora
+from model import DECODE_BACKENDS, KVCache
 from train_tokenizer import ANSWER, END_ANSWER, END_THINK, END_TOOL_CALL, SPECIAL_TOKENS, THINK, TOOL_CALL
 
 MODES = {0: "pretrain", 1: "sft", 2: "distill", 3: "dpo", 4: "grpo"}
@@ -240,6 +244,96 @@ def generate_pieces(model, reply, prompt_ids, max_new_tokens, sampling, generato
         yield from reply.push(token_id)
     yield from reply.flush()
     reply.decode_s = time.perf_counter() - start - reply.prefill_s
+
+
+# ----------------------------------------------------------------------------------- batched group sampling
+
+def sample_rows(logits, temperature, streams):
+    """The next token of each row of (rows, vocab) logits: argmax when streams is None, else a draw at this
+    temperature by inverting the row's cumulative distribution with one uniform number from its own stream (as
+    serving.sample), so a row's draws do not depend on the other rows in the batch."""
+    if streams is None:
+        return logits.argmax(dim=-1)
+    cdf = (logits.float() / temperature).softmax(dim=-1).cumsum(dim=-1)
+    u = torch.tensor([1.0 - s.random() for s in streams], device=logits.device)  # in (0, 1]
+    return (cdf < (u * cdf[:, -1])[:, None]).sum(dim=-1)                         # first cdf >= u·total
+
+
+@torch.no_grad()
+def generate_group(model, prompts, group, max_new_tokens, stops, temperature=1.0, streams=None, dtype=torch.float32):
+    """`group` replies to each prompt (lists of ids; the stop id ends a reply that has one), prompt by prompt:
+    greedy without streams, else sampled at `temperature`, row i drawing from streams[i] (GRPO's rollouts,
+    eval_bench's --samples).
+
+    The prompts are prefilled once, left-padded into one batch; their KV cache is then repeated for the group and
+    every row decodes in one batched forward per token until all rows stopped or max_new_tokens."""
+    device = model.embed_tokens.weight.device
+    length = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts], device=device)          # (B, P)
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+    cache = KVCache(model.config, len(prompts), length + max_new_tokens - 1, device, dtype)
+    stop = torch.tensor(stops, device=device)
+    with sdpa_kernel(DECODE_BACKENDS):
+        logits = model(ids, cache=cache, attention_mask=mask, last_only=True).logits[:, -1]
+        cache.keys = [k.repeat_interleave(group, dim=0) for k in cache.keys]                   # (B·G, KV, S, hd)
+        cache.values = [v.repeat_interleave(group, dim=0) for v in cache.values]
+        logits, mask = logits.repeat_interleave(group, dim=0), mask.repeat_interleave(group, dim=0)
+        done = torch.zeros(len(logits), dtype=torch.bool, device=device)
+        steps = []
+        for step in range(max_new_tokens):
+            token = sample_rows(logits, temperature, streams)
+            steps.append(token)
+            done |= torch.isin(token, stop)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            mask = torch.cat((mask, mask.new_ones(len(mask), 1)), dim=1)
+            logits = model(token[:, None], cache=cache, attention_mask=mask, last_only=True).logits[:, -1]
+    return [cut_at_stop(row, stops) for row in torch.stack(steps, dim=1).tolist()]
+
+
+def cut_at_stop(ids, stops):
+    """ids up to and including the first stop id (all of them if none)."""
+    end = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
+    return ids[:end]
+
+
+def room_to_answer(model, prompts, max_new_tokens):
+    """max_new_tokens, cut to what the longest prompt leaves of the context."""
+    length = max(len(p) for p in prompts)
+    room = min(max_new_tokens, model.config.max_seq_len - length)
+    if room < 1:
+        raise ValueError(f"a prompt of {length} tokens leaves no room to answer in max_seq_len "
+                         f"{model.config.max_seq_len}")
+    return room
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts, max_new_tokens, stops):
+    """Greedy replies (text, special tokens kept) to several prompt id lists, left-padded into one batch."""
+    pad_id = tokenizer.pad_token_id
+    length = max(len(p) for p in prompts)
+    max_new_tokens = room_to_answer(model, prompts, max_new_tokens)
+    ids = torch.tensor([[pad_id] * (length - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    device = model.embed_tokens.weight.device
+    out = model.generate(ids.to(device), max_new_tokens, attention_mask=mask.to(device), temperature=0.0,
+                         stop_ids=stops, pad_id=pad_id)
+    replies = []
+    for row in out.tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        replies.append(tokenizer.decode(row[:end], skip_special_tokens=False))
+    return replies
+
+
+@torch.no_grad()
+def sample_batch(model, tokenizer, prompts, max_new_tokens, stops, samples, temperature, keys):
+    """`samples` replies (text) to each prompt at `temperature`; the k-th reply to prompt i draws from the stream
+    keyed by (keys[i], k)."""
+    streams = [random.Random(f"{key}-{k}") for key in keys for k in range(samples)]
+    replies = generate_group(model, prompts, samples, room_to_answer(model, prompts, max_new_tokens), stops,
+                             temperature, streams)
+    texts = tokenizer.batch_decode([r[:-1] if r[-1] in stops else r for r in replies], skip_special_tokens=False)
+    return [texts[i * samples:(i + 1) * samples] for i in range(len(prompts))]
 
 
 # ------------------------------------------------------------------------------------------------- model loading

@@ -1,7 +1,7 @@
 """The whole pipeline in one command: data → pretrain → SFT → reasoning distillation → GRPO → DPO → evaluation,
 ending in a scoreboard that shows what each stage changed.
 
-    python pipeline.py                                  # built-in demo corpus, tiny model, ~9 min on 2 CPU cores
+    python pipeline.py                                  # built-in demo corpus, tiny model, ~10 min on 2 CPU cores
     python pipeline.py --data_dir data/real --preset small --out_dir runs/small      # your own data, a real size
 
 --data_dir holds pretrain.jsonl, sft.jsonl, reasoning.jsonl, dpo.jsonl and, optionally, the held-out files
@@ -34,8 +34,7 @@ from Config import PRESETS
 from dataset import DPODataset, PretrainDataset, SFTDataset, collate_dpo, load_tokenizer, read_jsonl
 from demo_data import (demo_toolbox, generate_demo, is_terse, parse_reasoning, prompt_turns, score_direct,
                        score_reasoning, score_sft, score_tool_answer, score_tool_call, split_tool_calls)
-from eval_bench import generate_batch
-from inference import encode_prompt, stop_ids
+from inference import encode_prompt, generate_batch, sample_batch, stop_ids
 from tools import parse_tool_call, tool_turns
 
 # GRPO comes right after distillation, whose reasoning it improves (its scoreboard row against distill's shows
@@ -43,6 +42,7 @@ from tools import parse_tool_call, tool_turns
 STAGES = ["pretrain", "sft", "distill", "grpo", "dpo"]
 FILES = ["pretrain", "sft", "reasoning", "dpo"]
 EVAL_ONLY = ["tools"]  # held-out tool-use questions; their training conversations are in sft.jsonl
+SAMPLES = 4  # replies sampled per held-out word problem for "reasoning acc, sampled"
 
 
 def parse_args(argv=None):
@@ -119,9 +119,12 @@ def stage_commands(args, files):
                                    "--sft_path", f"{ckpt}/sft_final.pth",
                                    "--learning_rate", "2e-3", "--epochs", str(args.distill_epochs),
                                    "--special_token_weight", "5", *held_out("reasoning"), *save]),
-        # The later --batch_size wins: GRPO's counts prompts, each answered 8 times.
+        # The later --batch_size wins: GRPO's counts prompts, each answered 8 times. A right worked reply takes up
+        # to ~110 tokens, so a cap of 160 keeps the length penalty (its last quarter) off right replies; a warmup
+        # of a fifth of the run (at most 30 steps) lets Adam's moments settle on the noisy RL gradient first.
         "grpo": (grpo.main, ["--data_path", files["reasoning"], "--sft_path", f"{ckpt}/distill_final.pth",
-                             "--learning_rate", "1e-4", "--scale_rewards", "--max_steps", str(args.grpo_steps),
+                             "--learning_rate", "1e-4", "--warmup_steps", str(min(30, args.grpo_steps // 5)),
+                             "--scale_rewards", "--max_steps", str(args.grpo_steps), "--max_new_tokens", "160",
                              "--num_generations", "8", *held_out("reasoning"), *save, "--batch_size", "8"]),
         "dpo": (dpo.main, ["--data_path", files["dpo"], "--sft_path", f"{ckpt}/grpo_final.pth",
                            "--learning_rate", "1e-4", "--beta", "0.1", "--epochs", str(args.dpo_epochs),
@@ -157,6 +160,18 @@ def answer(model, tokenizer, conversations, max_new_tokens=64, batch_size=32, to
         prompts = [encode_prompt(tokenizer, c, t, enable_thinking)
                    for c, t in zip(conversations[start:start + batch_size], tools[start:start + batch_size])]
         replies += generate_batch(model, tokenizer, prompts, max_new_tokens, stops)
+    return replies
+
+
+@torch.no_grad()
+def sampled_answers(model, tokenizer, conversations, samples, seed, max_new_tokens=128, batch_size=16):
+    """`samples` replies to each conversation at temperature 1, the temperature GRPO samples and learns at; the
+    k-th reply to conversation i draws from a random stream keyed by (seed, i, k)."""
+    stops, replies = stop_ids(tokenizer, raw=False), []
+    for start in range(0, len(conversations), batch_size):
+        prompts = [encode_prompt(tokenizer, c) for c in conversations[start:start + batch_size]]
+        keys = [f"scoreboard-{seed}-{i}" for i in range(start, start + len(prompts))]
+        replies += sample_batch(model, tokenizer, prompts, max_new_tokens, stops, samples, 1.0, keys)
     return replies
 
 
@@ -250,6 +265,9 @@ def scoreboard(args, files, rt):
             replies = answer(model, tokenizer, [prompt_turns(r) for r in reasoning_items], max_new_tokens=128)
             row["think_format"] = float(np.mean([parse_reasoning(a) is not None for a in replies]))
             row["reasoning_acc"] = float(np.mean([score_reasoning(r, a) for r, a in zip(reasoning_items, replies)]))
+            sampled = sampled_answers(model, tokenizer, [prompt_turns(r) for r in reasoning_items], SAMPLES, args.seed)
+            row["sampled_acc"] = float(np.mean([score_reasoning(r, a) for r, texts in zip(reasoning_items, sampled)
+                                                for a in texts]))
             replies = answer(model, tokenizer, [prompt_turns(r) for r in reasoning_items], max_new_tokens=16,
                              enable_thinking=False)
             row["no_think_acc"] = float(np.mean([score_direct(r, a) for r, a in zip(reasoning_items, replies)]))
@@ -268,6 +286,7 @@ def scoreboard(args, files, rt):
 COLUMNS = [("text_ppl", "held-out text ppl", "{:.2f}"), ("chat_ppl", "held-out answer ppl", "{:.2f}"),
            ("sft_acc", "answer acc", "{:.1%}"), ("full_answers", "full answers", "{:.1%}"),
            ("think_format", "<think> format", "{:.1%}"), ("reasoning_acc", "reasoning acc", "{:.1%}"),
+           ("sampled_acc", "reasoning acc, sampled", "{:.1%}"),
            ("no_think_acc", "reasoning acc, thinking off", "{:.1%}"), ("pref_acc", "prefers chosen", "{:.1%}"),
            ("tool_parses", "call parses", "{:.1%}"), ("tool_right_tool", "right tool", "{:.1%}"),
            ("tool_right_args", "right arguments", "{:.1%}"), ("tool_acc", "tool answer acc", "{:.1%}")]

@@ -1,5 +1,6 @@
-"""GRPO rollout speed: grpo.py's batched sampling (prompts prefilled once, the group decoded in one batch with the KV
-cache) against a loop that generates one reply at a time with model.generate, side by side in one run.
+"""GRPO rollout speed: grpo.py's batched sampling (inference.generate_group: prompts prefilled once, the group
+decoded in one batch with the KV cache) against a loop that generates one reply at a time with model.generate, side by
+side in one run.
 
     python bench/bench_rollout.py --model_path results/distill_final.pth --data_path data/demo/reasoning.jsonl
     python bench/bench_rollout.py --preset tiny --prompts 8 --num_generations 8 --max_new_tokens 128 --rounds 5
@@ -27,13 +28,13 @@ from checkpoint import load_model  # noqa: E402
 from Config import PRESETS, describe, get_config  # noqa: E402
 from dataset import load_tokenizer  # noqa: E402
 from demo_data import generate_demo  # noqa: E402
-from inference import stop_ids  # noqa: E402
+from inference import cut_at_stop, generate_group, stop_ids  # noqa: E402
 from model import Transformer  # noqa: E402
 
 
 def batched(model, prompts, args, stops):
     streams = [random.Random(f"bench-{i}-{g}") for i in range(len(prompts)) for g in range(args.num_generations)]
-    replies = grpo.generate(model, prompts, args.num_generations, args.max_new_tokens, stops, 1.0, streams)
+    replies = generate_group(model, prompts, args.num_generations, args.max_new_tokens, stops, 1.0, streams)
     return sum(len(r) for r in replies)
 
 
@@ -42,13 +43,13 @@ def one_at_a_time(model, prompts, args, stops):
     for prompt in prompts:
         for _ in range(args.num_generations):
             reply = model.generate(torch.tensor([prompt]), args.max_new_tokens, temperature=1.0, stop_ids=stops)
-            tokens += len(grpo.cut_at_stop(reply[0].tolist(), stops))
+            tokens += len(cut_at_stop(reply[0].tolist(), stops))
     return tokens
 
 
 def measure(model, prompts, args, stops):
     """tokens/s of each implementation per round, the rounds interleaved after one warm-up round of each."""
-    impls = {"batched (grpo.generate)": batched, "one at a time (model.generate)": one_at_a_time}
+    impls = {"batched (inference.generate_group)": batched, "one at a time (model.generate)": one_at_a_time}
     rates = {name: [] for name in impls}
     for round_ in range(args.rounds + 1):
         for name, run in impls.items():

@@ -1039,6 +1039,43 @@ def test_exact_match_batched_generation(saved, tokenizer, tmp_path):
     assert m["accuracy"] == 0.0
 
 
+def test_sampled_accuracy_counts_every_sampled_reply_whatever_the_batch(tokenizer, tmp_path):
+    """--samples K: sampled_accuracy is the share of right replies among the K·items, pass_at_k the share of items
+    with a right one. Counted here from each item's replies sampled alone (batch of one, its own streams); the
+    evaluation batches four left-padded prompts and must find the same replies."""
+    model, rng, K = sharpened_tiny_model(len(tokenizer), 96, sharpen=2), random.Random(3), 4
+    questions = [sample_sentence(rng, rng.randint(2, 12)) for _ in range(6)]
+    alone = [inference.sample_batch(model, tokenizer, [chat_ids(tokenizer, [{"role": "user", "content": q}])], 8,
+                                    stops(tokenizer), K, 1.0, [f"eval_bench-5-{line}"])[0]
+             for line, q in enumerate(questions, 1)]
+    # the reference is one sampled reply's answer for the even items and nothing the model says for the odd ones
+    references = [eval_bench.extract_answer(texts[0]) if i % 2 == 0 else "no such answer"
+                  for i, texts in enumerate(alone)]
+    right = [sum(eval_bench.normalize_answer(eval_bench.extract_answer(t)) == eval_bench.normalize_answer(ref)
+                 for t in texts) for texts, ref in zip(alone, references)]
+    assert 0 < sum(right) < 3 * K  # some sampled replies differ from the one the reference came from
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": a} for q, a in zip(questions, references)])
+    predictions = []
+    m = eval_bench.evaluate_file(model, tokenizer, path, batch_size=4, max_new_tokens=8, predictions=predictions,
+                                 samples=K, temperature=1.0, seed=5)
+    assert m["sampled_accuracy"] == sum(right) / (K * len(questions))
+    assert m["pass_at_k"] == 3 / len(questions)
+    assert [p["samples_right"] for p in predictions] == right
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy(tokenizer, tmp_path):
+    model, rng = sharpened_tiny_model(len(tokenizer), 96), random.Random(4)
+    records = []
+    for i in range(4):
+        question = sample_sentence(rng, rng.randint(2, 12))
+        reply = reply_text(tokenizer, greedy(model, chat_ids(tokenizer, [{"role": "user", "content": question}]), 8,
+                                             stops(tokenizer)), stops(tokenizer))
+        records.append({"question": question, "answer": eval_bench.extract_answer(reply) if i % 2 else "nothing"})
+    m = eval_bench.evaluate_file(model, tokenizer, write_jsonl(tmp_path / "qa.jsonl", records), batch_size=4,
+                                 max_new_tokens=8, samples=3, temperature=1e-4)
+    assert (m["accuracy"], m["sampled_accuracy"], m["pass_at_k"]) == (0.5, 0.5, 0.5)
+
+
 def test_choice_text_is_plain_text(tokenizer):
     """A choice that reads "<|im_end|>" is scored as those characters, not as the end of the turn."""
     for template in ("chat", "raw"):
@@ -1052,7 +1089,17 @@ BENCH_CASES = {
     "zero samples": (["--max_samples", "0"], "argument --max_samples: must be >= 1"),
     "missing data": (["--data_path", "nope.jsonl"], "--data_path nope.jsonl: no such file"),
     "no such stage": (["--model_mode", "2"], "no distill checkpoint at"),
+    "negative samples": (["--samples", "-1"], "argument --samples: must be >= 0"),
+    "zero temperature": (["--samples", "2", "--temperature", "0"], "argument --temperature: must be > 0"),
 }
+
+
+def test_samples_on_a_multiple_choice_file_is_refused(saved, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "mc.jsonl", [{"question": "2+2?", "choices": ["3", "4"], "answer": "B"}])
+    argv = ["--save_dir", saved["dir"], "--tokenizer_path", saved["tok_dir"], "--device", "cpu", "--data_path", data,
+            "--samples", "4"]
+    code, line = refused(eval_bench.main, argv, capsys)
+    assert code != 0 and f"{data} is multiple choice" in line and "--samples applies to exact-match" in line, line
 
 
 @pytest.mark.parametrize("case", sorted(BENCH_CASES))

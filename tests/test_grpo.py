@@ -1,5 +1,6 @@
 """grpo.py and rewards.py: the loss against a hand computation, advantages, reward parsing, batched sampling, exact
 resume (sampling included), 2-process gloo equals 1 process, and bad flags refused in one line."""
+import json
 import math
 import os
 import random
@@ -12,9 +13,10 @@ from torch.nn.utils.rnn import pad_sequence
 import eval_bench
 import grpo
 import rewards
-from checkpoint import save_final
+from checkpoint import load_model, save_final
 from Config import LLMConfig
 from dataset import encode_chat, load_tokenizer
+from inference import cut_at_stop, encode_prompt, generate_group, stop_ids
 from model import Transformer
 from rewards import Completion
 
@@ -184,13 +186,13 @@ def test_batched_sampling_equals_one_prompt_at_a_time_with_the_same_streams():
     def streams(p):
         return [random.Random(f"{p}-{g}") for g in range(3)]
 
-    batched = grpo.generate(model, prompts, 3, 20, stops, 1.0, [s for p in range(3) for s in streams(p)])
-    alone = [r for p in range(3) for r in grpo.generate(model, prompts[p:p + 1], 3, 20, stops, 1.0, streams(p))]
+    batched = generate_group(model, prompts, 3, 20, stops, 1.0, [s for p in range(3) for s in streams(p)])
+    alone = [r for p in range(3) for r in generate_group(model, prompts[p:p + 1], 3, 20, stops, 1.0, streams(p))]
     assert batched == alone
     assert len({tuple(r) for r in batched}) > 3  # sampled, not all alike
-    greedy = grpo.generate(model, prompts[:1], 1, 20, stops)
+    greedy = generate_group(model, prompts[:1], 1, 20, stops)
     reference = model.generate(torch.tensor(prompts[:1]), 20, temperature=0.0, stop_ids=stops)[0].tolist()
-    assert greedy[0] == grpo.cut_at_stop(reference, stops)
+    assert greedy[0] == cut_at_stop(reference, stops)
 
 
 # ----------------------------------------------------------------------------------------------- the stage
@@ -213,9 +215,28 @@ def test_stopped_and_resumed_run_is_bitwise_identical_including_sampling(setup, 
         assert key in logged
     assert 0 < logged["completion_len"] <= 12 and logged["kl"] > 0
     assert any(r["clip_frac"] > 0 for r in full["history"]["train"])  # the second update of a batch clips
-    assert {"val_accuracy", "val_format"} <= set(full["history"]["eval"][0])
+    assert {"val_accuracy", "val_format", "val_sampled_accuracy"} <= set(full["history"]["eval"][0])
     assert os.path.exists(tmp_path / "full" / "grpo_curves.png")
     assert os.path.exists(tmp_path / "full" / "grpo_final.pth")
+
+
+def test_held_out_sampled_accuracy_counts_the_replies_of_the_documented_streams(setup, tmp_path):
+    grpo.main(args_for(setup, tmp_path, "--max_steps", "1", "--batch_size", "4", "--eval_data", setup["eval"],
+                       "--eval_samples", "3", "--seed", "7"))
+    logged = latest(tmp_path)["history"]["eval"][-1]
+    model, _ = load_model(str(tmp_path / "grpo_final.pth"))
+    tokenizer = load_tokenizer(TOKENIZER)
+    records = [json.loads(line) for line in open(setup["eval"])]
+    prompts = [encode_prompt(tokenizer, r["conversations"][:-1]) for r in records]
+    right = 0
+    for i, (prompt, record) in enumerate(zip(prompts, records)):  # one problem at a time, by hand
+        streams = [random.Random(f"grpo-eval-7-{i}-{k}") for k in range(3)]
+        replies = generate_group(model, [prompt], 3, 12, stop_ids(tokenizer, raw=False), 1.0, streams)
+        texts = tokenizer.batch_decode([r[:-1] if r[-1] in stop_ids(tokenizer, raw=False) else r for r in replies],
+                                       skip_special_tokens=False)
+        right += sum(rewards.same_answer(t, record["conversations"][-1]["content"]) for t in texts)
+    assert 0 < right < 3 * len(records)
+    assert logged["val_sampled_accuracy"] == pytest.approx(right / (3 * len(records)))
 
 
 def test_rewards_vary_within_groups_and_the_policy_moves(setup, tmp_path):

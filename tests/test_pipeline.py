@@ -10,6 +10,7 @@ import eval_model
 import pipeline
 from cli import UserError
 from dataset import load_tokenizer
+from conftest import sharpened_tiny_model
 from demo_data import TOOLS, demo_toolbox, generate_demo
 
 
@@ -32,13 +33,27 @@ def test_pipeline_runs_every_stage_and_writes_the_scoreboard(tmp_path, capsys):
     board = json.load(open(tmp_path / "run" / "scoreboard.json"))
     assert [r["stage"] for r in board["rows"]] == ["unigram", "pretrain", "sft", "distill", "grpo", "dpo"]
     for row in board["rows"][1:]:
-        assert {"text_ppl", "chat_ppl", "sft_acc", "full_answers", "think_format", "reasoning_acc", "no_think_acc",
-                "pref_acc", "tool_parses", "tool_right_tool", "tool_right_args", "tool_acc"} <= set(row)
+        assert {"text_ppl", "chat_ppl", "sft_acc", "full_answers", "think_format", "reasoning_acc", "sampled_acc",
+                "no_think_acc", "pref_acc", "tool_parses", "tool_right_tool", "tool_right_args", "tool_acc"} <= set(row)
     for stage in pipeline.STAGES:
         assert os.path.exists(tmp_path / "run" / "checkpoints" / f"{stage}_final.pth")
     table = open(tmp_path / "run" / "scoreboard.md").read()
     assert table.startswith("| stage | held-out text ppl") and "| dpo |" in table
-    assert "reasoning acc, thinking off" in table and "right arguments" in table and "tool answer acc" in table
+    assert "reasoning acc, sampled" in table and "reasoning acc, thinking off" in table and "right arguments" in table and "tool answer acc" in table
+
+
+def test_sampled_answers_are_the_same_in_any_batch(tokenizer_dir):
+    """The scoreboard's sampled replies come from streams keyed by (seed, problem, sample), so the batching does
+    not change them, and another seed draws others."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = sharpened_tiny_model(len(tokenizer), 96, sharpen=2)
+    conversations = [[{"role": "user", "content": f"What is {a} + {a}?"}] for a in range(5)]
+    batched = pipeline.sampled_answers(model, tokenizer, conversations, 3, seed=1, max_new_tokens=6, batch_size=4)
+    assert batched == pipeline.sampled_answers(model, tokenizer, conversations, 3, seed=1, max_new_tokens=6,
+                                               batch_size=1)
+    assert len(batched) == 5 and all(len(texts) == 3 for texts in batched)
+    assert batched != pipeline.sampled_answers(model, tokenizer, conversations, 3, seed=2, max_new_tokens=6)
+    assert len({t for texts in batched for t in texts}) > 5  # sampled, not all alike
 
 
 def test_data_dir_must_hold_every_training_file(tmp_path):
