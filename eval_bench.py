@@ -276,14 +276,19 @@ def parse_args(argv=None):
     a("--max_new_tokens", type=POSITIVE_INT, default=256, help="exact-match answer length cap")
     a("--samples", type=NONNEG_INT, default=0,
       help="exact match: also sample this many replies per item and report sampled_accuracy and pass_at_k")
-    a("--temperature", type=POSITIVE, default=1.0, help="the sampling temperature of --samples")
-    a("--seed", type=NONNEG_INT, default=0, help="keys the random streams of --samples")
+    a("--temperature", type=POSITIVE, default=None, help="the sampling temperature of --samples (default 1)")
+    a("--seed", type=NONNEG_INT, default=None, help="keys the random streams of --samples (default 0)")
     a("--output_file", default=None, help="write all metrics here as JSON")
     a("--predictions_file", default=None, help="write one JSON line per item (what the model picked or said)")
     a("--tokenizer_path", default=os.path.join(ROOT, "tokenizer"), help="the tokenizer the model was trained with")
     a("--device", type=device_flag, default=None, help="cuda, cuda:1, cpu, mps (default: cuda when available)")
     a("--dtype", choices=DTYPES, default="auto", help="weights' dtype (auto: float32 on CPU, bfloat16 on GPU)")
     args = p.parse_args(argv)
+    for flag in ("temperature", "seed"):
+        if getattr(args, flag) is not None and not args.samples:
+            p.error(f"--{flag} applies to sampled replies: add --samples K (greedy answers use neither)")
+    args.temperature = 1.0 if args.temperature is None else args.temperature
+    args.seed = 0 if args.seed is None else args.seed
     for path in args.data_path:
         if not os.path.isfile(path):
             p.error(f"--data_path {path}: no such file; expected a JSONL file of benchmark items")
@@ -318,7 +323,8 @@ def evaluate_all(model, tokenizer, args, template, predictions):
         norm = f", accuracy_norm {metrics['accuracy_norm']:.4f}" if "accuracy_norm" in metrics else ""
         if "sampled_accuracy" in metrics:
             norm += (f", sampled_accuracy {metrics['sampled_accuracy']:.4f} and pass@{args.samples} "
-                     f"{metrics['pass_at_k']:.4f} ({args.samples} replies per item at temperature {args.temperature:g})")
+                     f"{metrics['pass_at_k']:.4f} ({args.samples} replies per item at temperature "
+                     f"{args.temperature:g})")
         print(f"{data_path} ({metrics['kind']}, {metrics['items']} items): accuracy {metrics['accuracy']:.4f}{norm}")
     return results
 

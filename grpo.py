@@ -45,7 +45,7 @@ from checkpoint import tokenizer_fingerprint
 from cli import NONNEG, NONNEG_INT, POSITIVE, ArgumentParser, UserError, number, run_main
 from Config import describe
 from dataset import DataError, load_tokenizer, read_jsonl
-from inference import encode_prompt, generate_group, stop_ids
+from inference import encode_prompt, generate_group, reply_texts, stop_ids
 from model import Transformer
 from rewards import REWARDS, Completion, format_reward, same_answer
 
@@ -88,9 +88,9 @@ def parse_args(argv=None):
       help="upper clip of the ratio (1 + ε_high; default: epsilon; CISPO's cap on its weight)")
     a("--ppo_epochs", type=number(int, low=1), default=1, help="optimizer updates per rollout batch")
     a("--beta", type=NONNEG, default=0.0, help="weight of the KL penalty to the reference (0: no reference)")
-    a("--eval_samples", type=NONNEG_INT, default=4,
-      help="with --eval_data: replies sampled per held-out problem at --temperature for val_sampled_accuracy (0: "
-           "greedy only)")
+    a("--eval_samples", type=NONNEG_INT, default=None,
+      help="with --eval_data: replies sampled per held-out problem at --temperature for val_sampled_accuracy "
+           "(default 4; 0: greedy only)")
     # RL gradients are noisy and Adam moves every weight by about the learning rate each step: on the demo's 1.6M
     # model 3e-5 to 1e-4 raise the sampled accuracy by ~4 points in 150 steps and 2e-4 up lose greedy accuracy;
     # larger models want less.
@@ -104,6 +104,10 @@ def parse_args(argv=None):
         p.error(f"argument --rewards: a reward is named twice ({' '.join(names)})")
     if args.ref_path is not None and args.beta == 0:
         p.error("--ref_path is the KL reference: it needs --beta > 0")
+    if args.eval_samples is not None and not args.eval_data:
+        p.error("--eval_samples samples replies to the held-out problems: it needs --eval_data")
+    if args.eval_samples is None:
+        args.eval_samples = 4
     return args
 
 
@@ -229,9 +233,7 @@ def sample_replies(ctx, prompts, group, streams):
     with tu.autocast(ctx.rt), tu.full_weights(ctx.model):  # under --fsdp each process stops when its rows do
         replies = generate_group(ctx.model, [p.ids for p in prompts], group, ctx.args.max_new_tokens, ctx.stops,
                            ctx.args.temperature, streams, ctx.dtype)
-    texts = ctx.tokenizer.batch_decode([r[:-1] if r[-1] in ctx.stops else r for r in replies],
-                                       skip_special_tokens=False)
-    return replies, texts
+    return replies, reply_texts(ctx.tokenizer, replies, ctx.stops)
 
 
 def score(prompts, replies, texts, args):

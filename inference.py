@@ -332,8 +332,13 @@ def sample_batch(model, tokenizer, prompts, max_new_tokens, stops, samples, temp
     streams = [random.Random(f"{key}-{k}") for key in keys for k in range(samples)]
     replies = generate_group(model, prompts, samples, room_to_answer(model, prompts, max_new_tokens), stops,
                              temperature, streams)
-    texts = tokenizer.batch_decode([r[:-1] if r[-1] in stops else r for r in replies], skip_special_tokens=False)
+    texts = reply_texts(tokenizer, replies, stops)
     return [texts[i * samples:(i + 1) * samples] for i in range(len(prompts))]
+
+
+def reply_texts(tokenizer, replies, stops):
+    """generate_group's replies as text, special tokens kept, without the stop token that ended them."""
+    return tokenizer.batch_decode([r[:-1] if r[-1] in stops else r for r in replies], skip_special_tokens=False)
 
 
 # ------------------------------------------------------------------------------------------------- model loading

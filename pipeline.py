@@ -262,14 +262,14 @@ def scoreboard(args, files, rt):
             row["sft_acc"] = float(np.mean([score_sft(r, a) for r, a in zip(sft_items, replies)]))
             row["full_answers"] = float(np.mean([not is_terse(r, a) for r, a in zip(sft_items, replies)]))
         if reasoning_items and "answer" in reasoning_items[0]:
-            replies = answer(model, tokenizer, [prompt_turns(r) for r in reasoning_items], max_new_tokens=128)
+            conversations = [prompt_turns(r) for r in reasoning_items]
+            replies = answer(model, tokenizer, conversations, max_new_tokens=128)
             row["think_format"] = float(np.mean([parse_reasoning(a) is not None for a in replies]))
             row["reasoning_acc"] = float(np.mean([score_reasoning(r, a) for r, a in zip(reasoning_items, replies)]))
-            sampled = sampled_answers(model, tokenizer, [prompt_turns(r) for r in reasoning_items], SAMPLES, args.seed)
+            sampled = sampled_answers(model, tokenizer, conversations, SAMPLES, args.seed)
             row["sampled_acc"] = float(np.mean([score_reasoning(r, a) for r, texts in zip(reasoning_items, sampled)
                                                 for a in texts]))
-            replies = answer(model, tokenizer, [prompt_turns(r) for r in reasoning_items], max_new_tokens=16,
-                             enable_thinking=False)
+            replies = answer(model, tokenizer, conversations, max_new_tokens=16, enable_thinking=False)
             row["no_think_acc"] = float(np.mean([score_direct(r, a) for r, a in zip(reasoning_items, replies)]))
         if tool_items and "calls" in tool_items[0]:
             row.update(tool_scores(model, tokenizer, tool_items))

@@ -1091,6 +1091,9 @@ BENCH_CASES = {
     "no such stage": (["--model_mode", "2"], "no distill checkpoint at"),
     "negative samples": (["--samples", "-1"], "argument --samples: must be >= 0"),
     "zero temperature": (["--samples", "2", "--temperature", "0"], "argument --temperature: must be > 0"),
+    "temperature without samples": (["--temperature", "0.7"],
+                                    "--temperature applies to sampled replies: add --samples"),
+    "seed without samples": (["--seed", "3"], "--seed applies to sampled replies: add --samples"),
 }
 
 

@@ -277,6 +277,8 @@ def test_two_process_gloo_run_equals_one_process_with_the_global_batch(setup, tm
     (["--loss_type", "ppo"], "--loss_type: invalid choice"),
     (["--loss_agg", "batch"], "--loss_agg: invalid choice"),
     (["--ref_path", "x.pth"], "--ref_path is the KL reference: it needs --beta > 0"),
+    (["--eval_samples", "4"], "--eval_samples samples replies to the held-out problems: it needs --eval_data"),
+    (["--eval_samples", "-1"], "--eval_samples: must be >= 0"),
     (["--max_new_tokens", "64"], "--max_new_tokens 64 leaves no room for a prompt"),
     (["--max_new_tokens", "60"], "no prompt fits in 4 tokens"),
 ])
