@@ -22,6 +22,7 @@ import os
 import pickle
 import random
 import shutil
+import struct
 import zipfile
 
 import numpy as np
@@ -100,19 +101,40 @@ def pid_alive(pid):
 
 # ----------------------------------------------------------------------------------------------- reading files
 
+def check_archive(path):
+    """A file torch.save wrote is a zip archive whose data.pkl describes the tensors. torch.load checks neither the
+    archive's structure nor the pickle's CRC-32, so a damaged file would fail deep in the unpickler with whatever
+    exception the damage provokes, or load wrong; reading data.pkl through zipfile checks both (tensor bytes are
+    left unchecked: verifying them means reading the whole file)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            if len(pickles) != 1:
+                raise CheckpointError(f"{path}: not a checkpoint written by torch.save (no single data.pkl inside)")
+            archive.read(pickles[0])
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, UnicodeDecodeError, struct.error) as e:
+        cause = (str(e).splitlines() or [type(e).__name__])[0][:80]
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({cause})") from None
+    except OSError as e:
+        # a damaged directory record sends zipfile seeking to a negative offset
+        what = "corrupt or truncated checkpoint" if e.errno == errno.EINVAL else "cannot be read"
+        raise CheckpointError(f"{path}: {what} ({e.strerror})") from None
+
+
 def load_file(path, mmap=False):
     """torch.load(weights_only=True) of a checkpoint file (memory-mapped with mmap: only what is read is loaded);
     a damaged or foreign file is a CheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file (expected a .pth file written by this project)")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: the file is empty or truncated; it is not a usable checkpoint")
+    check_archive(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except EOFError:
-        raise CheckpointError(f"{path}: the file is empty or truncated; it is not a usable checkpoint") from None
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path}: not a checkpoint of this project (it holds objects that a weights-only "
                               f"load refuses)") from None
-    except (RuntimeError, KeyError, ValueError, UnicodeDecodeError, zipfile.BadZipFile) as e:
+    except (EOFError, RuntimeError, KeyError, IndexError, ValueError, UnicodeDecodeError, zipfile.BadZipFile) as e:
         cause = (str(e).splitlines() or [type(e).__name__])[0][:80]
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {cause})") from None
 

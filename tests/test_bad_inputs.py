@@ -59,7 +59,7 @@ def chat_args(w, save_dir, *extra, data="chat", start="--pretrained_path"):
 def damaged(w, kind):
     path = w["d"] / f"{kind}.pth"
     good = open(os.path.join(w["done"], "latest_checkpoint.pth"), "rb").read()
-    path.write_bytes({"empty": b"", "truncated": good[:len(good) // 2], "garbage": os.urandom(4096),
+    path.write_bytes({"empty": b"", "truncated": good[:len(good) // 2], "garbage": random.Random(0).randbytes(4096),
                       "text": b"hello, I am not a checkpoint"}[kind])
     return str(path)
 

@@ -3,12 +3,15 @@ the logger. Bad inputs to the stage scripts are in test_bad_inputs.py."""
 import argparse
 import os
 import pickle
+import random
+import struct
+import zipfile
 
 import pytest
 import torch
 
 import train_utils as tu
-from checkpoint import CheckpointError, atomic_torch_save, load_model, load_state_strict, rng_state, set_rng_state
+from checkpoint import CheckpointError, atomic_torch_save, load_file, load_model, load_state_strict, rng_state, set_rng_state
 from Config import LLMConfig
 from model import Transformer
 
@@ -78,6 +81,51 @@ def test_load_model_round_trip_and_clear_errors(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_model(str(tmp_path / "folder"))
+
+
+def pickle_span(path):
+    """Where data.pkl's bytes lie in a torch.save archive (after its local header and torch's alignment padding)."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+    raw = open(path, "rb").read()
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    return start, start + info.compress_size
+
+
+def test_every_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
+    """A training checkpoint damaged at random (seeded), never a stray IndexError or TypeError from the unpickler.
+    Any damage to the pickle is caught; damage to tensor bytes may load (torch keeps no checksum of them)."""
+    torch.manual_seed(0)
+    good_path = tmp_path / "good.pth"
+    torch.save({"model": tiny_model().state_dict(), "step": 3, "meta": {"stage": "pretrain"}}, good_path)
+    good = good_path.read_bytes()
+    pkl_start, pkl_end = pickle_span(good_path)
+    rng = random.Random(0)
+    damages = {
+        "random bytes": lambda b: bytearray(rng.randbytes(rng.choice([1, 30, 4096]))),
+        "truncated": lambda b: b[:rng.randrange(1, len(b))],
+        "pickle bytes changed": lambda b: flip(b, rng, pkl_start, pkl_end),
+        "bytes changed anywhere": lambda b: flip(b, rng, 0, len(b)),
+    }
+    loaded = 0
+    for name, damage in damages.items():
+        for trial in range(150):
+            bad = tmp_path / "bad.pth"
+            bad.write_bytes(bytes(damage(bytearray(good))))
+            try:
+                load_file(str(bad), mmap=trial % 2 == 1)
+                assert name == "bytes changed anywhere", f"{name}, trial {trial}: the damaged file loaded"
+                loaded += 1
+            except CheckpointError as e:
+                assert str(e).startswith(f"{bad}: ") and "\n" not in str(e)
+    assert loaded < 150
+
+
+def flip(data, rng, start, end):
+    for _ in range(rng.choice([1, 2, 8])):
+        data[rng.randrange(start, end)] ^= rng.randrange(1, 256)
+    return data
 
 
 def test_lr_warmup_then_cosine_to_floor():
