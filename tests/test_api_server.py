@@ -446,7 +446,8 @@ def test_bad_requests_get_openai_errors(server, tokenizer):
         check_error(post(server, path, body), 400, message_part, param)
     neutral = {"n": 1, "response_format": {"type": "text"}, "tool_choice": "none", "modalities": ["text"],
                "logprobs": False, "reasoning_effort": None, "top_k": 0, "min_p": 0, "repetition_penalty": 1}
-    reply = post(server, chat, {**ok, "max_tokens": 2, **neutral})  # values that change nothing are fine
+    # values that change nothing are fine (greedy, so that no sampled end-of-text cuts the reply short)
+    reply = post(server, chat, {**ok, "max_tokens": 2, "temperature": 0, **neutral})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
     check_error(httpx.get(server + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}), 404, "Not Found")
     with pytest.raises(openai.BadRequestError) as excinfo:
@@ -610,7 +611,8 @@ def test_prompts_are_tokenized_off_the_event_loop(tokenizer, monkeypatch, path, 
     monkeypatch.setattr(api_server, name, held)
     with serve(local_app(tiny_model(len(tokenizer)), tokenizer)) as url:
         replies = []
-        thread = threading.Thread(target=lambda: replies.append(post(url, path, {**body, "max_tokens": 2})))
+        greedy = {**body, "max_tokens": 2, "temperature": 0}
+        thread = threading.Thread(target=lambda: replies.append(post(url, path, greedy)))
         thread.start()
         try:
             assert entered.wait(timeout=10)
@@ -680,8 +682,8 @@ def test_workers_flag_starts_that_many_server_processes(saved):
         while sum("Application startup complete" in line for line in log) < 2:
             assert process.poll() is None and time.time() < deadline, "".join(log)
             time.sleep(0.1)
-        reply = post(f"http://127.0.0.1:{port}", "/v1/chat/completions", {"messages": user("hi"), "max_tokens": 3},
-                     key=None)
+        greedy = {"messages": user("hi"), "max_tokens": 3, "temperature": 0}
+        reply = post(f"http://127.0.0.1:{port}", "/v1/chat/completions", greedy, key=None)
         assert reply.json()["usage"]["completion_tokens"] == 3
     finally:
         process.terminate()
@@ -1149,7 +1151,7 @@ def test_bad_tool_requests_name_the_param(server):
         check_error(post(server, chat, body), 400, message_part, param)
     neutral = {"tools": [], "tool_choice": "auto", "parallel_tool_calls": False, "chat_template_kwargs": {},
                "functions": [], "function_call": "none"}
-    reply = post(server, chat, {**ok, **neutral})
+    reply = post(server, chat, {**ok, **neutral, "temperature": 0})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
     reply = post(server, chat, {"messages": user("hi") + [assistant_call, answer], "max_tokens": 2})
     assert reply.status_code == 200, reply.text  # a conversation with tool turns needs no tools in the request
