@@ -700,7 +700,8 @@ def test_batched_greedy_equals_alone_including_cache_shifts(tokenizer, monkeypat
     shifts = []
     original = Engine._shift
     monkeypatch.setattr(Engine, "_shift", lambda self, d: (shifts.append((d, len(self.rows))), original(self, d)))
-    engine = Engine(model, tokenizer, max_batch_size=4)
+    # slowed so the first row is surely still decoding when the longer prompt joins, however late the thread runs
+    engine = Engine(Watched(model, delay=0.005), tokenizer, max_batch_size=4)
     engine.start()
     rng = random.Random(0)
     jobs = []
@@ -756,7 +757,7 @@ def test_waiting_requests_are_prefilled_together_up_to_prefill_tokens(tokenizer)
 
 
 def test_concurrent_requests_share_forward_passes_up_to_max_batch_size(tokenizer):
-    watched = Watched(tiny_model(len(tokenizer)))
+    watched = Watched(tiny_model(len(tokenizer)), prefill_delay=0.3)  # the others queue while one prefills
     with serve(local_app(watched, tokenizer, max_batch_size=4)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
